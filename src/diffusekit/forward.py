@@ -14,6 +14,8 @@ from .schedules import NoiseSchedule
 
 
 def _index(schedule: NoiseSchedule, values: Tensor, t, like: Tensor) -> Tensor:
+    if not schedule.is_discrete:
+        raise ValueError(f"the discrete forward process needs a discrete schedule; {schedule.name!r} is continuous")
     t = torch.as_tensor(t, device=values.device).long()
     if t.ndim == 0:
         t = t.expand(like.shape[0])
@@ -41,6 +43,8 @@ def q_posterior(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t) -> tuple[Te
     """Mean and variance of q(x_{t-1} | x_t, x0) (DDPM eqs. 6-7). At t = 0 the posterior is the
     point mass at x0 (mean x0, variance 0)."""
     abar = schedule.alphas_cumprod
+    if abar is None:
+        return _index(schedule, abar, t, x0)  # raises the clear error
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     beta = _index(schedule, schedule.betas, t, x0)
     a_t = _index(schedule, abar, t, x0)

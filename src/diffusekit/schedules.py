@@ -19,8 +19,15 @@ import torch
 from torch import Tensor
 
 # Zero-terminal-SNR schedules have abar_T = 0, i.e. sigma_T = inf, which no solver can start from.
-# Like diffusers' Euler scheduler we read such a terminal step as abar = 2**-24 (sigma = 4096).
+# Like diffusers' Euler scheduler we read such a terminal step as abar = 2**-24 (sigma = 4096), or
+# as half the previous step's abar where that is smaller, so sigmas keep increasing with t.
 MIN_ALPHA_CUMPROD = 2.0**-24
+
+
+def _vp_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    positive = alphas_cumprod[alphas_cumprod > 0]
+    floor = min(MIN_ALPHA_CUMPROD, float(positive.min()) / 2)
+    return abar_to_sigma(torch.where(alphas_cumprod > 0, alphas_cumprod, floor))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ class NoiseSchedule:
         if not (inner_ok and last_ok) or not torch.isfinite(betas).all():
             raise ValueError("betas must lie in (0, 1) (only the last may be 1, for zero terminal SNR)")
         abar = torch.cumprod(1 - betas, 0)
-        sigmas = abar_to_sigma(abar.clamp(min=MIN_ALPHA_CUMPROD))
+        sigmas = _vp_sigmas(abar)
         return cls(name, float(sigmas[0]), float(sigmas[-1]), abar)
 
     @classmethod
@@ -241,8 +248,8 @@ class NoiseSchedule:
 
     @property
     def sigmas(self) -> Tensor:
-        """sigma_t for t = 0 .. T-1 (ascending; the terminal abar is floored at 2**-24)."""
-        return abar_to_sigma(self._require_discrete("sigmas").clamp(min=MIN_ALPHA_CUMPROD))
+        """sigma_t for t = 0 .. T-1 (ascending; a zero terminal abar is read as 2**-24, see above)."""
+        return _vp_sigmas(self._require_discrete("sigmas"))
 
     @property
     def log_snr(self) -> Tensor:
