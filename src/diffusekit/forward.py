@@ -13,9 +13,13 @@ from ._utils import per_sample
 from .schedules import NoiseSchedule
 
 
-def _index(schedule: NoiseSchedule, values: Tensor, t, like: Tensor) -> Tensor:
+def _alphas_cumprod(schedule: NoiseSchedule) -> Tensor:
     if not schedule.is_discrete:
         raise ValueError(f"the discrete forward process needs a discrete schedule; {schedule.name!r} is continuous")
+    return schedule.alphas_cumprod
+
+
+def _index(schedule: NoiseSchedule, values: Tensor, t, like: Tensor) -> Tensor:
     t = torch.as_tensor(t, device=values.device).long()
     if t.ndim == 0:
         t = t.expand(like.shape[0])
@@ -28,13 +32,14 @@ def _index(schedule: NoiseSchedule, values: Tensor, t, like: Tensor) -> Tensor:
 
 def q_sample(schedule: NoiseSchedule, x0: Tensor, t, noise: Tensor) -> Tensor:
     """Closed form q(x_t | x0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4)."""
-    abar = _index(schedule, schedule.alphas_cumprod, t, x0)
+    abar = _index(schedule, _alphas_cumprod(schedule), t, x0)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
 def q_step(schedule: NoiseSchedule, x_prev: Tensor, t, noise: Tensor) -> Tensor:
     """One textbook step q(x_t | x_{t-1}): sqrt(alpha_t) x_{t-1} + sqrt(1 - alpha_t) noise (DDPM eq. 2).
     For t = 0, x_prev is the clean image."""
+    _alphas_cumprod(schedule)
     alpha = _index(schedule, schedule.alphas, t, x_prev)
     return alpha.sqrt() * x_prev + (1 - alpha).sqrt() * noise
 
@@ -42,9 +47,7 @@ def q_step(schedule: NoiseSchedule, x_prev: Tensor, t, noise: Tensor) -> Tensor:
 def q_posterior(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t) -> tuple[Tensor, Tensor]:
     """Mean and variance of q(x_{t-1} | x_t, x0) (DDPM eqs. 6-7). At t = 0 the posterior is the
     point mass at x0 (mean x0, variance 0)."""
-    abar = schedule.alphas_cumprod
-    if abar is None:
-        return _index(schedule, abar, t, x0)  # raises the clear error
+    abar = _alphas_cumprod(schedule)
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     beta = _index(schedule, schedule.betas, t, x0)
     a_t = _index(schedule, abar, t, x0)
