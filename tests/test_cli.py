@@ -15,6 +15,7 @@ from diffusekit.data import load_digits
 def test_forward_writes_a_correct_strip(tmp_path, capsys):
     out = tmp_path / "strip.png"
     assert main(["forward", "-o", str(out), "--index", "5"]) == 0
+    assert out.stat().st_mode & 0o044, "outputs are readable by others, as with a plain open()"
     strip = np.asarray(Image.open(out).convert("L"), dtype=np.float64)
     tile = 64  # 8x8 digits upscaled 8x
     assert strip.shape == (tile + 28, 11 * (tile + 4) - 4)
