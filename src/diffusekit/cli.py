@@ -43,6 +43,39 @@ def _forward(args) -> None:
     print(f"wrote {args.output}")
 
 
+def _train(args) -> None:
+    from dataclasses import fields
+
+    from .train import TrainConfig, train
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if args.steps is None and args.minutes is None and not args.resume:
+        given["minutes"] = 4.0  # the default budget: a few minutes on a laptop CPU
+    run_dir = train(TrainConfig(**given), resume=args.resume, overwrite=args.overwrite)
+    print(f"run saved in {run_dir}: samples.png, loss.png, log.jsonl, checkpoints/")
+    print(f"sample from it: diffusekit sample {run_dir} -o grid.png")
+
+
+def _sample(args) -> None:
+    from .images import image_grid, save_image, tensor_to_pil
+    from .pipelines import generate
+    from .train import load
+
+    if args.n < 1:
+        raise ValueError("--n must be >= 1")
+    model = load(args.run_dir, device=args.device or "cpu")
+    x = generate(model.denoiser, model.schedule, model.image_shape, args.n, seed=args.seed, sampler=args.sampler,
+                 steps=args.steps, spacing=args.spacing, device=args.device or "cpu", progress=True)
+    save_image(image_grid(x), args.output)
+    if args.save_individual:
+        from pathlib import Path
+
+        folder = Path(args.save_individual)
+        for i, image in enumerate(x):
+            save_image(tensor_to_pil(image), folder / f"{args.seed}-{i:05d}.png")
+    print(f"wrote {args.output} ({args.n} samples, {args.sampler}, {args.steps} steps, seed {args.seed}) from {model.path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusekit", description="Diffusion models end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +92,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grey", action="store_true", help="read the image as greyscale")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_forward)
+
+    from .data import DATASETS
+    from .nn.unet import PRESETS
+
+    p = sub.add_parser("train", help="train a diffusion model (default: on the embedded digits)")
+    p.add_argument("--data", help=f"{', '.join(DATASETS)} or a folder of images (default digits)")
+    p.add_argument("--out", help="run folder (default runs/<data>)")
+    p.add_argument("--preset", choices=list(PRESETS), help="U-Net size (default digits)")
+    p.add_argument("--resolution", type=int, help="image side (default: the data's own; 32 for folders)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="grey (1) or RGB (3) for image folders")
+    p.add_argument("--steps", type=int, help="optimizer steps to train for")
+    p.add_argument("--minutes", type=float, help="wall-clock budget (default 4 when --steps is not given)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--adam-eps", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--schedule", help="noise schedule (linear, scaled_linear, cosine, sigmoid)")
+    p.add_argument("--prediction", help="eps, v or x0")
+    p.add_argument("--weighting", help="uniform or min_snr")
+    p.add_argument("--precision", help="fp32, bf16 or fp16 (CUDA)")
+    p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--sample-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run into a grid image")
+    p.add_argument("run_dir", metavar="RUN", help="run folder or checkpoint folder")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--sampler", default="ddim", help="any registered sampler (default ddim)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--spacing", default="karras", help="sigma spacing (default karras)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="grid.png")
+    p.add_argument("--save-individual", metavar="DIR", help="also write each sample as its own PNG")
+    p.add_argument("--device")
+    p.set_defaults(run=_sample)
     return parser
 
 
@@ -69,4 +147,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"diffusekit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"diffusekit {args.command}: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
+        return 130
     return 0

@@ -108,13 +108,18 @@ def loss(
     weighting: str = "uniform",
     min_snr_gamma: float = 5.0,
     generator: torch.Generator | None = None,
+    sigma: Tensor | None = None,
+    noise: Tensor | None = None,
     **cond,
 ) -> Tensor:
-    """The diffusion training loss for one batch: draw a noise level and noise per sample, run the
-    network, and return the weighted mean squared error against `training_target`. Random draws
-    come from `generator` (on the CPU), so a seed reproduces the loss."""
-    sigma = sample_training_sigmas(denoiser, x0.shape[0], generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    """The diffusion training loss for one batch: at noise level `sigma` with `noise` (drawn from
+    `generator` on the CPU when not given, so a seed reproduces the loss), run the network and
+    return the weighted mean squared error against `training_target`."""
+    if sigma is None:
+        sigma = sample_training_sigmas(denoiser, x0.shape[0], generator=generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    sigma, noise = sigma.to(x0.device), noise.to(device=x0.device, dtype=x0.dtype)
     x = x0 + per_sample(sigma, x0) * noise
     output = denoiser.network_output(x, sigma, **cond)
     target = training_target(denoiser, x0, noise, sigma)

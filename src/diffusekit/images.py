@@ -50,3 +50,48 @@ def save_image(image: Image.Image, path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt)
     return path
+
+
+def image_grid(images: Tensor, columns: int | None = None, padding: int = 2, min_tile: int = 32) -> Image.Image:
+    """[N, C, H, W] in [-1, 1] -> one PIL grid (tiles nearest-upscaled to at least `min_tile` px)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images [N, C, H, W], got shape {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    columns = columns or max(1, int(np.ceil(np.sqrt(n))))
+    rows = int(np.ceil(n / columns))
+    scale = max(1, int(np.ceil(min_tile / min(h, w))))
+    tiles = [tensor_to_pil(img).convert("RGB").resize((w * scale, h * scale), Image.NEAREST) for img in images]
+    tw, th = w * scale, h * scale
+    grid = Image.new("RGB", (columns * (tw + padding) + padding, rows * (th + padding) + padding), "white")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, (padding + (i % columns) * (tw + padding), padding + (i // columns) * (th + padding)))
+    return grid
+
+
+def line_plot(xs, ys, *, title: str = "", size=(640, 360), log_y: bool = True) -> Image.Image:
+    """A minimal line plot (e.g. the training loss curve) drawn with PIL, so no plotting library is needed."""
+    from PIL import ImageDraw, ImageFont
+
+    image = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    keep = np.isfinite(ys) & (ys > 0 if log_y else np.isfinite(ys))
+    xs, ys = xs[keep], ys[keep]
+    left, right, top, bottom = 60, size[0] - 15, 25, size[1] - 30
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, 6), title, fill="black", font=font)
+    if len(xs) < 2:
+        return image
+    vals = np.log10(ys) if log_y else ys
+    lo, hi = vals.min(), vals.max()
+    hi = hi if hi > lo else lo + 1
+    px = left + (xs - xs.min()) / max(xs.max() - xs.min(), 1e-12) * (right - left)
+    py = bottom - (vals - lo) / (hi - lo) * (bottom - top)
+    draw.line(list(zip(px.tolist(), py.tolist())), fill=(31, 119, 180), width=2)
+    for frac in (0.0, 0.5, 1.0):
+        v = lo + frac * (hi - lo)
+        y = bottom - frac * (bottom - top)
+        draw.text((4, y - 6), f"{10 ** v if log_y else v:.3g}", fill="black", font=font)
+    draw.text((left, bottom + 8), f"{xs.min():.0f}", fill="black", font=font)
+    draw.text((right - 40, bottom + 8), f"{xs.max():.0f}", fill="black", font=font)
+    return image

@@ -1,0 +1,5 @@
+"""Thin compositions of schedule -> sampler -> decoder."""
+
+from .generate import generate
+
+__all__ = ["generate"]

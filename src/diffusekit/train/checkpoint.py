@@ -1,0 +1,156 @@
+"""Checkpoints as folders (DESIGN.md contract 6), written atomically, and `load` for sampling.
+
+    RUN/checkpoints/step-00001000/config.json        architecture, schedule, parameterisation, data shape
+                                 /model.safetensors  EMA weights (the ones to sample from)
+                                 /train_state.pt     online weights, optimizer, step, RNG states (resume)
+    RUN/latest                                       name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary folder, fsynced, renamed into place, and only then
+is `latest` switched to it (atomically). A crash at any moment leaves `latest` pointing at a
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .._utils import atomic_path
+from ..denoiser import Denoiser
+from ..nn.unet import UNet, UNetConfig
+from ..schedules import NoiseSchedule
+
+FORMAT = "diffusekit-checkpoint"
+VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_fsynced(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, step: int, config: dict, ema_state: dict, train_state: dict | None,
+                    keep: int = 2) -> Path:
+    """Write checkpoint `step` under run_dir atomically, point `latest` at it, keep the newest `keep`."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_fsynced(tmp / "config.json", lambda p: p.write_text(json.dumps({**config, "step": step}, indent=2)))
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in ema_state.items()}
+    _write_fsynced(tmp / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": FORMAT}))
+    if train_state is not None:
+        _write_fsynced(tmp / "train_state.pt", lambda p: torch.save(train_state, p))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. right after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    with atomic_path(run_dir / "latest") as p:
+        p.write_text(f"checkpoints/{name}\n")
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, or a run folder (whose `latest` names its newest checkpoint)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / "config.json").is_file():
+            return target
+        raise ValueError(f"{latest} points at {target}, which is not a complete checkpoint")
+    if not path.exists():
+        raise ValueError(f"no such run or checkpoint folder: {path}")
+    raise ValueError(f"{path} holds no diffusekit checkpoint (no config.json, no 'latest'); train into it first")
+
+
+def read_config(path) -> dict:
+    folder = resolve_checkpoint(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{folder} is not a diffusekit checkpoint (config.json format is {config.get('format')!r})")
+    if config.get("version", 0) > VERSION:
+        raise ValueError(f"{folder} was written by a newer diffusekit (format version {config['version']}); upgrade")
+    return config
+
+
+def schedule_from_config(spec: dict) -> NoiseSchedule:
+    return NoiseSchedule.from_name(spec["name"], spec.get("num_steps", 1000),
+                                   zero_terminal_snr=spec.get("zero_terminal_snr", False))
+
+
+def load_state_strict(module: torch.nn.Module, state: dict, source) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    module.load_state_dict(state)
+
+
+@dataclass
+class Model:
+    """A trained model rebuilt from its checkpoint folder alone."""
+
+    network: UNet
+    schedule: NoiseSchedule
+    prediction: str
+    config: dict
+    path: Path
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.network, self.schedule, self.prediction)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        data = self.config["data"]
+        return data["channels"], data["resolution"], data["resolution"]
+
+
+def load(path, device="cpu") -> Model:
+    """Rebuild the network (EMA weights), schedule and parameterisation from a checkpoint or run folder."""
+    folder = resolve_checkpoint(path)
+    config = read_config(folder)
+    if config.get("model", {}).get("type") != "unet":
+        raise ValueError(f"{folder}: unknown model type {config.get('model', {}).get('type')!r}")
+    network = UNet(UNetConfig.from_dict(config["model"]["config"]))
+    load_state_strict(network, load_file(str(folder / "model.safetensors")), folder / "model.safetensors")
+    network.to(device).eval().requires_grad_(False)
+    return Model(network, schedule_from_config(config["schedule"]), config["prediction"], config, folder)

@@ -1,0 +1,391 @@
+"""The training loop: AdamW with warm-up, gradient clipping and accumulation, EMA, mixed precision,
+atomic checkpoints with exact resume, sample grids, a JSONL log and a loss curve, and DDP under
+torchrun.
+
+Every random draw of a step (which images, their flips, noise levels and noise) is a pure function
+of (seed, step) for the *global* batch, and each rank takes its slice. That makes a resumed run
+bit-identical to an uninterrupted one, and N processes equivalent to one with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .._utils import atomic_path
+from ..data import load_dataset
+from ..denoiser import Denoiser
+from ..forward import WEIGHTINGS, loss as diffusion_loss, sample_training_sigmas
+from ..images import image_grid, line_plot, save_image
+from ..nn.unet import PRESETS, UNet, UNetConfig, preset
+from ..pipelines.generate import generate
+from ..schedules import BETA_SCHEDULES, NoiseSchedule
+from .checkpoint import FORMAT, VERSION, load_state_strict, read_config, resolve_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    out: str | None = None  # default: runs/<data name>
+    preset: str = "digits"
+    resolution: int | None = None  # default: the data's own
+    channels: int | None = None  # image folders: 1 (grey) or 3 (RGB, default)
+    schedule: str = "linear"
+    num_train_steps: int = 1000  # T
+    prediction: str = "eps"
+    weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
+    steps: int | None = None  # budget in optimizer steps ...
+    minutes: float | None = None  # ... and/or in wall-clock minutes (whichever ends first)
+    batch_size: int = 128  # global batch (all ranks, all accumulation steps)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    dropout: float | None = None  # default: the preset's
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA)
+    flip: bool = False  # random horizontal flips (off for digits: a flipped 7 is not a digit)
+    checkpoint_every: int = 1000
+    sample_every: int = 1000
+    num_samples: int = 64
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    log_every: int = 25
+    seed: int = 0
+    device: str | None = None  # default: cuda if available
+
+    def validate(self) -> None:
+        def fail(name, why):
+            raise ValueError(f"--{name.replace('_', '-')}: {why}")
+
+        if self.schedule not in BETA_SCHEDULES:
+            fail("schedule", f"unknown {self.schedule!r}; valid: {', '.join(BETA_SCHEDULES)}")
+        if self.prediction not in ("eps", "v", "x0"):
+            fail("prediction", f"unknown {self.prediction!r}; valid: eps, v, x0")
+        if self.weighting not in WEIGHTINGS:
+            fail("weighting", f"unknown {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        if self.preset not in PRESETS:
+            fail("preset", f"unknown {self.preset!r}; valid: {', '.join(PRESETS)}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            fail("precision", f"unknown {self.precision!r}; valid: fp32, bf16, fp16")
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "sample_every", "log_every", "num_train_steps"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            fail("steps", "must be >= 1")
+        if self.minutes is not None and self.minutes <= 0:
+            fail("minutes", "must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            fail("ema_decay", "must lie in [0, 1)")
+        if self.lr <= 0:
+            fail("lr", "must be > 0")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class StopTraining(Exception):
+    """Raised when the loss stops being finite; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets WORLD_SIZE / RANK / LOCAL_RANK)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if cuda:
+            torch.cuda.set_device(d.local_rank)
+            return d, torch.device("cuda", d.local_rank)
+        return d, torch.device("cpu")
+    return Dist(), torch.device(device or ("cuda" if cuda else "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic per-step randomness
+# ---------------------------------------------------------------------------------------------
+
+
+def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+
+
+def global_batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
+    """Dataset indices of the global batch at `step`: epochs are seeded permutations, walked in order."""
+    positions = torch.arange(step * batch, (step + 1) * batch)
+    out = torch.empty(batch, dtype=torch.long)
+    for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=_step_generator(seed, epoch, 0))
+        mask = positions.div(n, rounding_mode="floor") == epoch
+        out[mask] = perm[positions[mask] % n]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_config(cfg: TrainConfig, data) -> dict:
+    overrides = {"in_channels": data.channels, "image_size": data.resolution}
+    if cfg.dropout is not None:
+        overrides["dropout"] = cfg.dropout
+    return preset(cfg.preset, **overrides).to_dict()
+
+
+def _checkpoint_config(cfg: TrainConfig, model_config: dict, data) -> dict:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {"type": "unet", "config": model_config},
+        "schedule": {"name": cfg.schedule, "num_steps": cfg.num_train_steps, "zero_terminal_snr": False},
+        "prediction": cfg.prediction,
+        "data": {"name": data.name, "channels": data.channels, "resolution": data.resolution,
+                 "num_classes": data.num_classes},
+        "text_encoder": None,
+        "ema": True,
+        "train": asdict(cfg),
+    }
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+    has_run = (run_dir / "latest").exists() or (run_dir / "checkpoints").exists() or (run_dir / "log.jsonl").exists()
+    if resume:
+        if not has_run:
+            raise ValueError(f"--resume: {run_dir} holds no run to resume")
+        return
+    if has_run and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if has_run and is_main:
+        for name in ("checkpoints", "samples"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("latest", "log.jsonl", "loss.png", "samples.png"):
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) a run; returns the run folder."""
+    run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name}")
+    if resume:  # the run's own settings win, except the budget and output cadence the user gives now
+        saved = TrainConfig.from_dict(read_config(run_dir)["train"])
+        for name in ("steps", "minutes", "checkpoint_every", "sample_every", "log_every"):
+            setattr(saved, name, getattr(cfg, name))
+        saved.out, cfg = str(run_dir), saved
+    cfg.validate()
+    ddp, device = init_distributed(cfg.device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
+    _prepare_run_dir(run_dir, resume, overwrite, ddp.main)
+    if cfg.batch_size % (ddp.world * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by processes x grad-accum = {ddp.world * cfg.grad_accum}")
+
+    data = load_dataset(cfg.data, cfg.resolution, cfg.channels)
+    model_config = _model_config(cfg, data)
+    ckpt_config = _checkpoint_config(cfg, model_config, data)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    net = UNet(UNetConfig.from_dict(model_config)).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_train_steps)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    start_step = 0
+    if resume:
+        folder = resolve_checkpoint(run_dir)
+        saved = read_config(folder)
+        if saved["model"]["config"] != model_config:
+            raise ValueError(f"{folder} holds a different model than these settings; resume with the run's own settings")
+        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        load_state_strict(net, state["model"], folder / "train_state.pt")
+        from safetensors.torch import load_file
+
+        load_state_strict(ema, load_file(str(folder / "model.safetensors")), folder / "model.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = int(state["step"])
+    else:
+        torch.manual_seed(cfg.seed + ddp.rank)  # dropout masks differ across ranks
+    model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
+    denoiser = Denoiser(model, schedule, cfg.prediction)
+
+    log_path = run_dir / "log.jsonl"
+    history = _read_log(log_path, upto=start_step)
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _rewrite_log(log_path, history)
+
+    total = cfg.steps if cfg.steps is not None else (None if cfg.minutes else 2000)
+    deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    local = cfg.batch_size // ddp.world
+    micro = local // cfg.grad_accum
+
+    def checkpoint(step: int) -> None:
+        if ddp.main:
+            train_state = {"step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                           "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else {}}
+            save_checkpoint(run_dir, step, ckpt_config, ema.state_dict(), train_state)
+            _save_loss_plot(run_dir, history)
+        if ddp.world > 1:
+            dist.barrier()
+
+    def samples(step: int) -> None:
+        if not ddp.main:
+            return
+        x = generate(Denoiser(ema, schedule, cfg.prediction), schedule, (data.channels, data.resolution, data.resolution),
+                     cfg.num_samples, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps, device=device)
+        grid = image_grid(x)
+        save_image(grid, run_dir / "samples" / f"step-{step:08d}.png")
+        save_image(grid, run_dir / "samples.png")
+
+    bar = tqdm(total=total, initial=start_step, disable=not (progress and ddp.main), desc="train", unit="step",
+               dynamic_ncols=True)
+    step, window, t_window = start_step, [], time.monotonic()
+    net.train()
+    try:
+        while True:
+            stop = (total is not None and step >= total) or (deadline is not None and time.monotonic() >= deadline)
+            if ddp.world > 1:  # every rank must agree to stop at the same step
+                flag = torch.tensor(float(stop), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop:
+                break
+
+            # the global batch's data and randomness, then this rank's slice
+            idx = global_batch_indices(cfg.seed, step, cfg.batch_size, len(data))
+            g = _step_generator(cfg.seed, step, 1)
+            sigma = sample_training_sigmas(denoiser, cfg.batch_size, generator=g)
+            noise = torch.randn((cfg.batch_size, data.channels, data.resolution, data.resolution), generator=g)
+            flips = torch.rand(cfg.batch_size, generator=g) < 0.5
+            mine = slice(ddp.rank * local, (ddp.rank + 1) * local)
+            x0, _ = data.batch(idx[mine])
+            if cfg.flip:
+                x0 = torch.where(flips[mine, None, None, None], x0.flip(-1), x0)
+            x0, sigma, noise = x0.to(device), sigma[mine].to(device), noise[mine].to(device)
+
+            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total_loss = 0.0
+            for k in range(cfg.grad_accum):
+                part = slice(k * micro, (k + 1) * micro)
+                sync = ddp.world == 1 or k == cfg.grad_accum - 1
+                with (model.no_sync() if not sync else contextlib.nullcontext()), torch.autocast(
+                        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    value = diffusion_loss(denoiser, x0[part], sigma=sigma[part], noise=noise[part],
+                                           weighting=cfg.weighting, min_snr_gamma=cfg.min_snr_gamma)
+                    value = value / cfg.grad_accum
+                (scaler.scale(value) if scaler else value).backward()
+                total_loss += value.item()
+            if ddp.world > 1:
+                reduced = torch.tensor(total_loss, device=device)
+                dist.all_reduce(reduced)
+                total_loss = reduced.item() / ddp.world
+            if not math.isfinite(total_loss):
+                raise StopTraining(step)
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), net.parameters()):
+                    e.lerp_(p, 1 - decay)
+            step += 1
+
+            window.append(total_loss)
+            if step % cfg.log_every == 0 or step == total:
+                elapsed = time.monotonic() - t_window
+                record = {"step": step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": float(grad_norm),
+                          "steps_per_s": len(window) / max(elapsed, 1e-9), "time": time.time()}
+                history.append(record)
+                if ddp.main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                window, t_window = [], time.monotonic()
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.1e}")
+            if step % cfg.checkpoint_every == 0:
+                checkpoint(step)
+            if step % cfg.sample_every == 0:
+                samples(step)
+    except StopTraining:
+        bar.close()
+        latest = run_dir / "latest"
+        kept = latest.read_text().strip() if latest.exists() else "none (no checkpoint was written yet)"
+        raise ValueError(f"the loss became non-finite at step {step + 1}; training stopped. The last good checkpoint "
+                         f"is {kept} in {run_dir}; try a lower --lr or --precision fp32") from None
+    bar.close()
+    if step > start_step or not (run_dir / "latest").exists():
+        if step % cfg.checkpoint_every:
+            checkpoint(step)
+        if step % cfg.sample_every:
+            samples(step)
+    if ddp.world > 1:
+        dist.barrier()
+    return run_dir
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("step", 0) <= upto:
+            records.append(record)
+    return records
+
+
+def _rewrite_log(path: Path, records: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _save_loss_plot(run_dir: Path, history: list[dict]) -> None:
+    if history:
+        plot = line_plot([r["step"] for r in history], [r["loss"] for r in history], title="training loss (log scale)")
+        save_image(plot, run_dir / "loss.png")

@@ -1,0 +1,205 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusekit.cli import main
+from diffusekit.data import load_dataset
+from diffusekit.train import TrainConfig, load, train
+from diffusekit.train.loop import global_batch_indices
+
+FAST = dict(batch_size=16, checkpoint_every=4, sample_every=1000, num_samples=4, sample_steps=2, log_every=2,
+            warmup_steps=2, lr=2e-3)
+
+
+def _weights(run: Path) -> tuple[dict, dict]:
+    folder = run / Path(run / "latest").read_text().strip()
+    state = torch.load(folder / "train_state.pt", weights_only=True)
+    return state["model"], load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = train(TrainConfig(out=str(tmp_path / "a"), steps=8, **FAST), progress=False)
+    half = train(TrainConfig(out=str(tmp_path / "b"), steps=4, **FAST), progress=False)
+    # a new process state: other global RNG draws in between must not matter
+    torch.manual_seed(1234)
+    torch.randn(100)
+    resumed = train(TrainConfig(out=str(half), steps=8, **FAST), resume=True, progress=False)
+    model_a, ema_a = _weights(straight)
+    model_b, ema_b = _weights(resumed)
+    assert model_a.keys() == model_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # and training did something: the weights moved from the step-4 checkpoint
+    log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+
+
+def test_a_new_run_refuses_to_clobber_an_old_one(tmp_path):
+    run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
+    with pytest.raises(ValueError, match="--resume .* --overwrite"):
+        train(TrainConfig(out=str(run), steps=2, **FAST), progress=False)
+    train(TrainConfig(out=str(run), steps=3, **FAST), overwrite=True, progress=False)
+    assert load(run).config["step"] == 3
+    with pytest.raises(ValueError, match="no such run"):
+        train(TrainConfig(out=str(tmp_path / "empty"), steps=2, **FAST), resume=True, progress=False)
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import diffusekit.train.checkpoint as checkpoint
+    from diffusekit.train import TrainConfig, train
+
+    real_save = checkpoint.save_file
+    calls = []
+
+    def slow_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint: write half a file, then hang until killed
+            Path(path).write_bytes(b"partial")
+            Path(sys.argv[2]).write_text("in the middle of a checkpoint")
+            time.sleep(600)
+        real_save(tensors, path, metadata=metadata)
+
+    checkpoint.save_file = slow_save
+    train(TrainConfig(out=sys.argv[1], steps=20, batch_size=16, checkpoint_every=3, sample_every=1000,
+                      log_every=1), progress=False)
+""")
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(marker)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "the training process died before reaching the checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the step-3 checkpoint is intact and loadable; the half-written step-6 one is not "latest"
+    assert (run / "latest").read_text().strip() == "checkpoints/step-00000003"
+    model = load(run)
+    assert model.config["step"] == 3
+    # and the run resumes from it (the leftover temporary folder is cleaned up)
+    train(TrainConfig(out=str(run), steps=6, **FAST), resume=True, progress=False)
+    assert load(run).config["step"] == 6
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import diffusekit.train.loop as loop
+
+    real_loss, calls = loop.diffusion_loss, []
+
+    def exploding(*args, **kwargs):
+        calls.append(1)
+        value = real_loss(*args, **kwargs)
+        return value * float("nan") if len(calls) > 5 else value
+
+    monkeypatch.setattr(loop, "diffusion_loss", exploding)
+    with pytest.raises(ValueError, match="non-finite at step 6.*step-00000004"):
+        train(TrainConfig(out=str(tmp_path / "r"), steps=10, **FAST), progress=False)
+    assert load(tmp_path / "r").config["step"] == 4
+
+
+def test_ddp_with_two_processes_matches_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the same weights.
+
+    Adam divides by sqrt(v): on parameters whose gradient is ~0 (conv biases just before a
+    GroupNorm) it turns float rounding differences between the two reductions into lr-sized
+    steps. A larger Adam eps keeps that noise at noise level, so the comparison checks what DDP
+    must get right: the averaged gradients."""
+    common = ["--data", "digits", "--steps", "3", "--batch-size", "16", "--checkpoint-every", "3",
+              "--sample-every", "1000", "--seed", "5", "--lr", "2e-3", "--warmup-steps", "1", "--adam-eps", "1e-4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "diffusekit", "train", "--out", str(one), *common], check=True, env=env,
+                   capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", "-m", "diffusekit", "train", "--out", str(two), *common],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model_1, ema_1 = _weights(one)
+    model_2, ema_2 = _weights(two)
+    for k in model_1:
+        assert torch.allclose(model_1[k], model_2[k], atol=1e-5), k
+    assert max((ema_1[k] - ema_2[k]).abs().max().item() for k in ema_1) < 1e-5
+
+
+def test_batches_are_epochs_of_seeded_permutations():
+    n, batch = 10, 4
+    seen = torch.cat([global_batch_indices(0, s, batch, n) for s in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert not torch.equal(seen[:10], seen[10:])
+    assert torch.equal(global_batch_indices(0, 3, batch, n), global_batch_indices(0, 3, batch, n))
+
+
+def test_image_folder_skips_corrupt_files(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(folder / f"ok{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"junk" * 20)
+    (folder / "notes.txt").write_text("not an image")
+    data = load_dataset(str(folder), resolution=16)
+    assert len(data) == 3 and data.skipped == 1
+    assert "broken.jpg" in caplog.text
+    x, labels = data.batch(torch.tensor([0, 2]))
+    assert x.shape == (2, 3, 16, 16) and labels is None and x.min() >= -1 and x.max() <= 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "bad.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="no readable"):
+        load_dataset(str(empty))
+    with pytest.raises(ValueError, match="neither a built-in dataset"):
+        load_dataset(str(tmp_path / "missing"))
+
+
+def test_train_config_errors_name_the_option():
+    for kwargs, match in [(dict(schedule="quadratic"), "--schedule"), (dict(prediction="score"), "--prediction"),
+                          (dict(batch_size=0), "--batch-size"), (dict(precision="fp8"), "--precision"),
+                          (dict(ema_decay=1.0), "--ema-decay")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kwargs).validate()
+
+
+def test_cli_train_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--steps", "2", "--batch-size", "8", "--sample-every", "2",
+                 "--checkpoint-every", "2"]) == 0
+    assert (run / "samples.png").exists() and (run / "loss.png").exists()
+    grid, single = tmp_path / "grid.png", tmp_path / "single"
+    assert main(["sample", str(run), "--n", "6", "--steps", "3", "--seed", "7", "-o", str(grid),
+                 "--save-individual", str(single)]) == 0
+    assert len(list(single.glob("*.png"))) == 6
+    first = np.asarray(Image.open(single / "7-00002.png"))
+    # sample i depends only on (seed, i), not on how many were asked for
+    assert main(["sample", str(run), "--n", "3", "--steps", "3", "--seed", "7", "-o", str(grid),
+                 "--save-individual", str(tmp_path / "again")]) == 0
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "again" / "7-00002.png")))
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "nothing"), "-o", str(grid)]) == 2
+    assert "no such run" in capsys.readouterr().err
+    assert main(["sample", str(run), "--sampler", "magic", "-o", str(grid)]) == 2
+    assert "ddim" in capsys.readouterr().err

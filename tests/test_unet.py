@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from diffusekit.nn.unet import PRESETS, UNet, UNetConfig, preset
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_presets_have_the_published_sizes():
+    with torch.device("meta"):
+        assert _count(UNet(preset("cifar32"))) == pytest.approx(35.7e6, rel=0.002)  # DDPM CIFAR-10
+        assert _count(UNet(preset("sd15"))) == 859_520_964  # Stable Diffusion 1.5's U-Net
+    assert 0.8e6 < _count(UNet(preset("digits"))) < 1.3e6
+
+
+def test_forward_shapes_and_conditioning():
+    cfg = UNetConfig(in_channels=3, image_size=16, block_out_channels=(32, 64), attention_type="transformer",
+                     head_dim=16, context_dim=24, num_classes=5, concat_channels=2, attention_resolutions=(8,),
+                     time_scale_shift=True, resample="resblock")
+    net = UNet(cfg)
+    x = torch.randn(2, 3, 16, 16)
+    ctx, mask = torch.randn(2, 7, 24), torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.bool)
+    out = net(x, torch.tensor([3.0, 500.5]), class_labels=torch.tensor([1, 4]), context=ctx, context_mask=mask,
+              concat=torch.randn(2, 2, 16, 16))
+    assert out.shape == x.shape
+    # class labels change the output; no label is the extra "no class" embedding
+    base = net(x, torch.tensor([3.0, 500.5]), context=ctx, concat=torch.zeros(2, 2, 16, 16))
+    other = net(x, torch.tensor([3.0, 500.5]), class_labels=torch.tensor([0, 0]), context=ctx, concat=torch.zeros(2, 2, 16, 16))
+    assert not torch.allclose(base, other)
+    with pytest.raises(ValueError, match="concat"):
+        net(x, torch.zeros(2), context=ctx)
+    with pytest.raises(ValueError, match="context"):
+        net(x, torch.zeros(2), concat=torch.zeros(2, 2, 16, 16))
+
+
+def test_context_mask_hides_padding_tokens():
+    cfg = UNetConfig(in_channels=1, image_size=8, block_out_channels=(32, 32), attention_type="transformer",
+                     head_dim=16, context_dim=8, attention_resolutions=(8, 4))
+    net = UNet(cfg).eval()
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([10.0])
+    ctx = torch.randn(1, 5, 8)
+    mask = torch.tensor([[True, True, True, False, False]])
+    changed = ctx.clone()
+    changed[0, 3:] = torch.randn(2, 8) * 10
+    assert torch.allclose(net(x, t, context=ctx, context_mask=mask), net(x, t, context=changed, context_mask=mask), atol=1e-6)
+    assert not torch.allclose(net(x, t, context=ctx), net(x, t, context=changed), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "field,kwargs",
+    [
+        ("attention_resolutions", dict(image_size=16, attention_resolutions=(5,))),
+        ("block_out_channels", dict(block_out_channels=(30, 64))),
+        ("image_size", dict(image_size=6, block_out_channels=(32, 32, 32))),
+        ("head_dim", dict(head_dim=24)),
+        ("num_heads", dict(head_dim=None, num_heads=None)),
+        ("attention_type", dict(attention_type="linear")),
+        ("context_dim", dict(context_dim=16)),
+        ("resample", dict(resample="pixelshuffle")),
+        ("dropout", dict(dropout=1.5)),
+    ],
+)
+def test_bad_configs_name_the_field(field, kwargs):
+    with pytest.raises(ValueError, match=f"UNetConfig.{field}"):
+        UNetConfig(**kwargs)
+
+
+def test_unknown_preset_and_fields():
+    with pytest.raises(ValueError, match=", ".join(PRESETS)):
+        preset("huge")
+    with pytest.raises(ValueError, match="unknown U-Net config fields: bogus"):
+        UNetConfig.from_dict({"bogus": 1})
+    assert UNetConfig.from_dict(preset("sd15").to_dict()) == preset("sd15")
+
+
+def test_bad_inputs():
+    net = UNet(preset("digits"))
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        net(torch.zeros(2, 3, 8, 8), torch.zeros(2))
+    with pytest.raises(ValueError, match="divisible"):
+        net(torch.zeros(2, 1, 7, 7), torch.zeros(2))
+    with pytest.raises(ValueError, match="class"):
+        net(torch.zeros(2, 1, 8, 8), torch.zeros(2), class_labels=torch.zeros(2, dtype=torch.long))
+
+
+def test_same_function_as_diffusers_unet2d_condition_model():
+    """The Stable Diffusion layout: diffusers' UNet2DConditionModel weights load into ours by name
+    and give the same output (tiny sizes, same structure as SD 1.x)."""
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8,
+    ).eval()
+    ours = UNet(UNetConfig(in_channels=4, image_size=16, block_out_channels=(32, 64), layers_per_block=2,
+                           attention_resolutions=(16,), attention_type="transformer", head_dim=None, num_heads=4,
+                           context_dim=24, norm_groups=8)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        assert torch.allclose(ours(x, t, context=ctx), ref(x, t, encoder_hidden_states=ctx).sample, atol=1e-5)
+
+
+def test_same_function_as_diffusers_unet2d_model():
+    """The DDPM layout: diffusers' UNet2DModel (self-attention blocks) maps in with one renaming."""
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    ours = UNet(UNetConfig(in_channels=1, image_size=16, block_out_channels=(32, 64), layers_per_block=2,
+                           attention_resolutions=(8,), head_dim=8, norm_groups=8)).eval()
+    state = {}
+    for k, v in ref.state_dict().items():
+        if ".attentions." in k and ".group_norm." not in k:
+            head, tail = k.split(".attentions.")
+            index, rest = tail.split(".", 1)
+            k = f"{head}.attentions.{index}.attention.{rest}"
+        state[k] = v
+    ours.load_state_dict(state, strict=True)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0.0, 10.0, 999.0])
+    with torch.no_grad():
+        assert torch.allclose(ours(x, t), ref(x, t).sample, atol=1e-5)
