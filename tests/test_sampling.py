@@ -16,15 +16,6 @@ def _sd_schedule():
 
 # -- parity with diffusers ------------------------------------------------------------------------
 
-def _share_tables(ref, sched):
-    """Give a diffusers scheduler our float64 tables, so a comparison tests the step algorithm alone
-    (the tables' parity is tested in test_schedules.py)."""
-    ref.alphas_cumprod, ref.betas, ref.alphas = sched.alphas_cumprod, sched.betas, sched.alphas
-    if hasattr(ref, "final_alpha_cumprod") and ref.config.set_alpha_to_one is False:
-        ref.final_alpha_cumprod = sched.alphas_cumprod[0]
-
-
-
 @pytest.mark.parametrize("shared_tables", [False, True])
 @pytest.mark.parametrize(
     "spacing,offset,set_alpha_to_one,eta,dtype",
@@ -37,7 +28,7 @@ def _share_tables(ref, sched):
         ("trailing", 0, False, 0.5, torch.float64),
     ],
 )
-def test_ddim_matches_diffusers(spacing, offset, set_alpha_to_one, eta, dtype, shared_tables):
+def test_ddim_matches_diffusers(spacing, offset, set_alpha_to_one, eta, dtype, shared_tables, share_tables):
     """Same eps model, same initial noise, same 50 timesteps (and the same noise draws for eta > 0)."""
     gm = GaussianMixture.random(4, 3, seed=1)
     sched = _sd_schedule()
@@ -47,7 +38,7 @@ def test_ddim_matches_diffusers(spacing, offset, set_alpha_to_one, eta, dtype, s
         set_alpha_to_one=set_alpha_to_one, steps_offset=offset, timestep_spacing=spacing,
     )
     if shared_tables:
-        _share_tables(ref, sched)
+        share_tables(ref, sched)
     ref.set_timesteps(50)
     x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=dtype)
     x, g = x_T.clone(), torch.Generator().manual_seed(5)
@@ -71,13 +62,13 @@ def test_ddim_matches_diffusers(spacing, offset, set_alpha_to_one, eta, dtype, s
 
 @pytest.mark.parametrize("shared_tables", [False, True])
 @pytest.mark.parametrize("num_steps,variance", [(1000, "fixed_small"), (50, "fixed_small"), (50, "fixed_large")])
-def test_ddpm_matches_diffusers(num_steps, variance, shared_tables):
+def test_ddpm_matches_diffusers(num_steps, variance, shared_tables, share_tables):
     gm = GaussianMixture.random(3, 4, seed=2)
     sched = NoiseSchedule.from_name("linear")
     net = gm.eps_network(sched)
     ref = diffusers.DDPMScheduler(beta_schedule="linear", clip_sample=False, variance_type=variance)
     if shared_tables:
-        _share_tables(ref, sched)
+        share_tables(ref, sched)
     ref.set_timesteps(num_steps)
     x_T = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x, g = x_T.clone(), torch.Generator().manual_seed(7)
@@ -219,7 +210,11 @@ def test_nfe_is_documented_and_counted(method, mixture_2d):
 
     sigmas = NoiseSchedule.continuous().get_sigmas(12)
     sample(counting, torch.randn(4, 2) * 80, sigmas, method, generator=torch.Generator().manual_seed(0))
-    assert len(calls) == SAMPLERS[method].nfe(len(sigmas))
+    expected = SAMPLERS[method].nfe(len(sigmas))
+    if expected is None:  # data-dependent (adaptive step size): documented as such, not counted
+        assert len(calls) > 0 and "data-dependent" in SAMPLERS[method].fn.__doc__
+    else:
+        assert len(calls) == expected
     assert "NFE" in SAMPLERS[method].fn.__doc__
 
 

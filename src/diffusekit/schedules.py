@@ -127,6 +127,21 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
 
 
+def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Tensor:
+    """k-diffusion's polyexponential: log sigma from log sigma_max to log sigma_min along the ramp
+    (1 - i / (n - 1))^rho (rho = 1 is `exponential`; larger rho spends more steps at low noise)."""
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    return _append_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
+
+
+def vp_sigmas(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> Tensor:
+    """The continuous VP (DDPM) schedule of Song et al. 2021, as in EDM and k-diffusion: t evenly from
+    1 to eps_s, sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1). Its range is its own (sigma
+    from about 152 down to 0.01 with the defaults), not the schedule's."""
+    t = torch.linspace(1, eps_s, n, dtype=torch.float64)
+    return _append_zero(torch.sqrt(torch.expm1(beta_d * t**2 / 2 + beta_min * t)))
+
+
 def discrete_timesteps(num_train_steps: int, n: int, spacing: str, steps_offset: int = 0) -> Tensor:
     """Integer timesteps (descending) as diffusers' `timestep_spacing` picks them (Lin et al. 2023,
     Table 2): `leading` (t = k * (T // n) + offset), `trailing` (counted down from T - 1) and
@@ -290,26 +305,37 @@ class NoiseSchedule:
         n: int,
         spacing: str = "karras",
         *,
-        rho: float = 7.0,
+        rho: float | None = None,
         steps_offset: int = 0,
         set_alpha_to_one: bool = True,
+        beta_d: float = 19.9,
+        beta_min: float = 0.1,
+        eps_s: float = 1e-3,
     ) -> Tensor:
         """n noise levels, descending, followed by 0 (so n solver steps), float64.
 
-        Spacings: `karras` (rho), `exponential`, `uniform` (evenly in t for discrete schedules,
-        evenly in sigma for continuous ones), and for discrete schedules diffusers' `leading`
-        (with `steps_offset`), `trailing` and `linspace`. With `set_alpha_to_one=False` (diffusers'
-        DDIM option, used by Stable Diffusion) the discrete sequences end at sigma(t = 0) before
-        the final 0, so a sampler's last step denoises from that level.
+        Spacings: `karras` (rho, default 7), `exponential`, `polyexponential` (rho, default 1),
+        `vp` (the continuous VP schedule with beta_d, beta_min, eps_s; it ignores this schedule's
+        sigma range), `uniform` (evenly in t for discrete schedules, evenly in sigma for continuous
+        ones), and for discrete schedules diffusers' `leading` (with `steps_offset`), `trailing` and
+        `linspace`. With `set_alpha_to_one=False` (diffusers' DDIM option, used by Stable Diffusion)
+        the discrete sequences end at sigma(t = 0) before the final 0, so a sampler's last step
+        denoises from that level.
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n (number of steps) must be a positive integer, got {n!r}")
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
         if spacing == "karras":
-            return karras_sigmas(n, self.sigma_min, self.sigma_max, rho)
+            return karras_sigmas(n, self.sigma_min, self.sigma_max, 7.0 if rho is None else rho)
         if spacing == "exponential":
             return exponential_sigmas(n, self.sigma_min, self.sigma_max)
+        if spacing == "polyexponential":
+            return polyexponential_sigmas(n, self.sigma_min, self.sigma_max, 1.0 if rho is None else rho)
+        if spacing == "vp":
+            if not (beta_d > 0 and beta_min >= 0 and 0 < eps_s < 1):
+                raise ValueError(f"vp spacing needs beta_d > 0, beta_min >= 0, 0 < eps_s < 1; got {beta_d}, {beta_min}, {eps_s}")
+            return vp_sigmas(n, beta_d, beta_min, eps_s)
         if spacing == "uniform":
             if self.is_discrete:
                 t = torch.linspace(self.num_steps - 1, 0, n, dtype=torch.float64)
@@ -329,4 +355,4 @@ class NoiseSchedule:
         return f"NoiseSchedule({self.name!r}, {kind}, sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g})"
 
 
-SPACINGS = ("karras", "exponential", "uniform", "leading", "trailing", "linspace")
+SPACINGS = ("karras", "exponential", "polyexponential", "vp", "uniform", "leading", "trailing", "linspace")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import classic  # noqa: F401  (registers ddpm, ddim)
+from . import ancestral, classic, dpm_solver, ode, unipc  # noqa: F401  (each module registers its samplers)
 from .common import initial_noise, randn_like, seeded_generators
 from .registry import SAMPLERS, SamplerInfo, get_sampler, register
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .common import ancestral_step, check_sigmas, randn_like, sigma_vector
+from .common import ancestral_step, check_sigmas, denoise, randn_like, report
 from .registry import register
 
 
@@ -28,13 +28,12 @@ def ddim(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, 
         raise ValueError(f"eta must be >= 0, got {eta}")
     for i in trange(len(sigmas) - 1, disable=not progress, desc="ddim"):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0_hat = denoiser(x, sigma_vector(x, sigma), **(cond or {}))
+        x0_hat = denoise(denoiser, x, sigma, cond)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x0_hat + (sigma_down / sigma) * (x - x0_hat)
         if sigma_up > 0:
             x = x + randn_like(x, generator) * (s_noise * sigma_up)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0_hat})
+        report(callback, i, x, sigma, sigma_next, x0_hat)
     return x
 
 
@@ -53,7 +52,7 @@ def ddpm(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, 
         raise ValueError(f"unknown variance {variance!r}; valid: small, large")
     for i in trange(len(sigmas) - 1, disable=not progress, desc="ddpm"):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0_hat = denoiser(x, sigma_vector(x, sigma), **(cond or {}))
+        x0_hat = denoise(denoiser, x, sigma, cond)
         # posterior mean in sigma space: x0 + (sigma_next^2 / sigma^2) (x - x0)
         x = x0_hat + (sigma_next**2 / sigma**2) * (x - x0_hat)
         if sigma_next > 0:
@@ -62,6 +61,5 @@ def ddpm(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, 
             else:  # beta / abar_next, with beta = 1 - abar / abar_next
                 std = math.sqrt((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2))
             x = x + randn_like(x, generator) * (s_noise * std)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0_hat})
+        report(callback, i, x, sigma, sigma_next, x0_hat)
     return x

@@ -73,3 +73,84 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 def sigma_vector(x: Tensor, sigma: float) -> Tensor:
     """The per-sample sigma tensor the denoiser contract takes."""
     return x.new_full((x.shape[0],), sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers the sampler modules share (one way to do each thing)
+# ---------------------------------------------------------------------------------------------
+
+
+def denoise(denoiser, x: Tensor, sigma: float, cond: dict | None) -> Tensor:
+    """One model evaluation D(x, sigma, **cond) at a python-float noise level."""
+    return denoiser(x, sigma_vector(x, sigma), **(cond or {}))
+
+
+def report(callback, i: int, x: Tensor, sigma: float, sigma_next: float, denoised: Tensor) -> None:
+    """Call the user's callback (if any) after step i with the sampler contract's dict."""
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+
+
+def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """The probability-flow ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al.
+    2022, eq. 4 with sigma(t) = t). It is also the model's noise estimate eps."""
+    return (x - denoised) / sigma
+
+
+def check_option(name: str, value, valid) -> None:
+    """ValueError naming the option when `value` is not one of `valid`."""
+    if value not in valid:
+        raise ValueError(f"unsupported {name}={value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def check_nonnegative(**options: float) -> None:
+    """ValueError naming the option when a float option (eta, s_noise, s_churn, ...) is negative or NaN."""
+    for name, value in options.items():
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def churn(x: Tensor, sigma: float, gamma: float, s_noise: float, generator: Generators) -> tuple[Tensor, float]:
+    """EDM's stochastic churn (Karras et al. 2022, Algorithm 2, lines 5-6): raise the noise level
+    to sigma_hat = sigma (1 + gamma) by adding fresh noise of std sqrt(sigma_hat^2 - sigma^2)."""
+    if gamma <= 0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    return x + randn_like(x, generator) * (s_noise * math.sqrt(sigma_hat**2 - sigma**2)), sigma_hat
+
+
+def churn_gamma(sigma: float, num_steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
+    """EDM's gamma_i = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0."""
+    return min(s_churn / num_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+
+
+def _lagrange_basis(node: float, others: list[float]) -> np.polynomial.Polynomial:
+    """The polynomial that is 1 at `node` and 0 at each of `others`."""
+    if not others:
+        return np.polynomial.Polynomial([1.0])
+    return np.polynomial.Polynomial.fromroots(others) / float(np.prod([node - m for m in others]))
+
+
+def lagrange_weights(nodes: Sequence[float], start: float, end: float, *, log: bool = False) -> list[float]:
+    """w_j = integral from `start` to `end` of L_j d(sigma), where L_j is the Lagrange basis
+    polynomial through `nodes` (noise levels) in the variable sigma (`log=False`: linear multistep,
+    Adams-Bashforth with variable steps) or log(sigma) (`log=True`: DEIS's log-rho polynomial).
+
+    Both integrals are exact: a polynomial integrates term by term, and in u = log(sigma) - log(start)
+    the integral of p(u) e^u du is e^u (p - p' + p'' - ...). `end` may be 0 only with `log=False`."""
+    weights = []
+    if not log:  # in tau = sigma - start, so the antiderivative is 0 at the start
+        taus = [s - start for s in nodes]
+        for j, node in enumerate(taus):
+            others = [m for k, m in enumerate(taus) if k != j]
+            p = _lagrange_basis(node, others)
+            weights.append(float(p.integ()(end - start)))
+        return weights
+    u_nodes = [math.log(s / start) for s in nodes]
+    u_end = math.log(end / start)
+    for j, node in enumerate(u_nodes):
+        others = [m for k, m in enumerate(u_nodes) if k != j]
+        p = _lagrange_basis(node, others)
+        antiderivative = sum(((-1) ** m) * p.deriv(m) for m in range(len(nodes)))  # (p - p' + ...)
+        weights.append(float(start * (math.exp(u_end) * antiderivative(u_end) - antiderivative(0.0))))
+    return weights

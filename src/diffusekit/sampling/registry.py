@@ -10,7 +10,7 @@ from typing import Callable
 class SamplerInfo:
     name: str
     fn: Callable
-    nfe: Callable[[int], int]  # model evaluations for len(sigmas) = n
+    nfe: Callable[[int], int | None]  # model evaluations for len(sigmas) = n; None: data-dependent
     stochastic: bool
 
     @property
@@ -21,7 +21,7 @@ class SamplerInfo:
 SAMPLERS: dict[str, SamplerInfo] = {}
 
 
-def register(name: str, *, nfe: Callable[[int], int], stochastic: bool):
+def register(name: str, *, nfe: Callable[[int], int | None], stochastic: bool):
     def wrap(fn):
         if name in SAMPLERS:
             raise RuntimeError(f"sampler {name!r} registered twice")
