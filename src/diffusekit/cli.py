@@ -65,7 +65,8 @@ def _sample(args) -> None:
         raise ValueError("--n must be >= 1")
     model = load(args.run_dir, device=args.device or "cpu")
     x = generate(model.denoiser, model.schedule, model.image_shape, args.n, seed=args.seed, sampler=args.sampler,
-                 steps=args.steps, spacing=args.spacing, device=args.device or "cpu", progress=True)
+                 steps=args.steps, spacing=args.spacing, device=args.device or "cpu", progress=True,
+                 clip=None if args.no_clip else (-1.0, 1.0))
     save_image(image_grid(x), args.output)
     if args.save_individual:
         from pathlib import Path
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, choices=(1, 3), help="grey (1) or RGB (3) for image folders")
     p.add_argument("--steps", type=int, help="optimizer steps to train for")
     p.add_argument("--minutes", type=float, help="wall-clock budget (default 4 when --steps is not given)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 64)")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int)
@@ -129,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a trained run into a grid image")
     p.add_argument("run_dir", metavar="RUN", help="run folder or checkpoint folder")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--sampler", default="ddim", help="any registered sampler (default ddim)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="any registered sampler (default dpmpp_2m)")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument("--no-clip", action="store_true", help="do not clamp denoised estimates to [-1, 1]")
     p.add_argument("--spacing", default="karras", help="sigma spacing (default karras)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", default="grid.png")

@@ -99,3 +99,18 @@ class Denoiser(nn.Module):
         output = self.network_output(x, sigma, **cond)
         c_skip, c_out, _, _ = self.precondition(torch.as_tensor(sigma, device=x.device).expand(x.shape[0]))
         return per_sample(c_skip, x) * x + per_sample(c_out, x) * output
+
+
+class ClampedDenoiser(nn.Module):
+    """Clamps the denoised estimate to the data range (DDPM's `clip_sample`): a pixel model trained
+    on [-1, 1] never produces values outside it, and clamping stops an early, poor x0 estimate at
+    high noise from throwing a trajectory off the data."""
+
+    def __init__(self, denoiser, low: float = -1.0, high: float = 1.0):
+        super().__init__()
+        if not low < high:
+            raise ValueError(f"need low < high, got {low}, {high}")
+        self.denoiser, self.low, self.high = denoiser, low, high
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        return self.denoiser(x, sigma, **cond).clamp(self.low, self.high)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..denoiser import ClampedDenoiser
 from ..sampling import initial_noise, sample, seeded_generators
 from ..schedules import NoiseSchedule
 
@@ -12,11 +13,15 @@ from ..schedules import NoiseSchedule
 @torch.no_grad()
 def generate(denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], n: int, *, seed: int = 0,
              sampler: str = "ddim", steps: int = 50, spacing: str = "karras", batch_size: int = 256,
-             device="cpu", progress: bool = False, cond: dict | None = None, **options) -> Tensor:
-    """n samples [n, *shape] in the data range. Sample i depends only on (seed, i): the same image
-    whatever n or batch_size (per-sample generators for the start noise and any sampler noise)."""
+             device="cpu", progress: bool = False, cond: dict | None = None,
+             clip: tuple[float, float] | None = None, **options) -> Tensor:
+    """n samples [n, *shape]. Sample i depends only on (seed, i): the same image whatever n or
+    batch_size (per-sample generators for the start noise and any sampler noise). `clip` clamps
+    each denoised estimate to the data range (pixel models trained on [-1, 1])."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if clip is not None:
+        denoiser = ClampedDenoiser(denoiser, *clip)
     sigmas = schedule.get_sigmas(steps, spacing)
     variance_preserving = schedule.is_discrete
     out = []
