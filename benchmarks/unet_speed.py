@@ -39,6 +39,7 @@ def build(name: str, which: str):
     """The same network (same weights) as diffusers' UNet2DModel or as diffusekit's UNet."""
     import diffusers
 
+    from diffusekit.convert import unet_state_from_diffusers
     from diffusekit.nn.unet import UNet, UNetConfig
 
     c = CONFIGS[name]
@@ -51,13 +52,7 @@ def build(name: str, which: str):
     attn_sizes = tuple(c["size"] // 2**i for i, b in enumerate(c["down"]) if b.startswith("Attn"))
     ours = UNet(UNetConfig(in_channels=c["channels"], image_size=c["size"], block_out_channels=c["block_out_channels"],
                            layers_per_block=c["layers_per_block"], attention_resolutions=attn_sizes, head_dim=8))
-    state = {}
-    for k, v in ref.state_dict().items():  # diffusers' attention projections sit one level up
-        if ".attentions." in k and ".group_norm." not in k:
-            head, tail = k.split(".attentions.")
-            index, rest = tail.split(".", 1)
-            k = f"{head}.attentions.{index}.attention.{rest}"
-        state[k] = v
+    state = unet_state_from_diffusers(ref.state_dict())
     ours.load_state_dict(state, strict=True)
     return ours, lambda m, x, t: m(x, t)
 

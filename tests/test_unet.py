@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from diffusekit.convert import unet_state_from_diffusers
 from diffusekit.nn.unet import PRESETS, UNet, UNetConfig, preset
 
 diffusers = pytest.importorskip("diffusers")
@@ -99,6 +100,7 @@ def test_same_function_as_diffusers_unet2d_condition_model():
     ours = UNet(UNetConfig(in_channels=4, image_size=16, block_out_channels=(32, 64), layers_per_block=2,
                            attention_resolutions=(16,), attention_type="transformer", head_dim=None, num_heads=4,
                            context_dim=24, norm_groups=8)).eval()
+    assert unet_state_from_diffusers(ref.state_dict()).keys() == ref.state_dict().keys()  # SD layout: same names
     ours.load_state_dict(ref.state_dict(), strict=True)
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24)
     with torch.no_grad():
@@ -115,13 +117,7 @@ def test_same_function_as_diffusers_unet2d_model():
     ).eval()
     ours = UNet(UNetConfig(in_channels=1, image_size=16, block_out_channels=(32, 64), layers_per_block=2,
                            attention_resolutions=(8,), head_dim=8, norm_groups=8)).eval()
-    state = {}
-    for k, v in ref.state_dict().items():
-        if ".attentions." in k and ".group_norm." not in k:
-            head, tail = k.split(".attentions.")
-            index, rest = tail.split(".", 1)
-            k = f"{head}.attentions.{index}.attention.{rest}"
-        state[k] = v
+    state = unet_state_from_diffusers(ref.state_dict())
     ours.load_state_dict(state, strict=True)
     x, t = torch.randn(3, 1, 16, 16), torch.tensor([0.0, 10.0, 999.0])
     with torch.no_grad():
