@@ -236,3 +236,16 @@ def test_clamped_denoiser_keeps_estimates_in_range():
     assert out.min() == -1 and out.max() == 1
     with pytest.raises(ValueError, match="low < high"):
         ClampedDenoiser(wild, 1.0, -1.0)
+
+
+def test_train_on_an_rgb_image_folder_with_flips(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    run = train(TrainConfig(data=str(folder), out=str(tmp_path / "run"), resolution=8, flip=True, steps=2,
+                            **{**FAST, "batch_size": 4}), progress=False)
+    model = load(run)
+    assert model.image_shape == (3, 8, 8) and model.config["data"]["name"] == "imgs"
+    assert Image.open(run / "samples.png").mode == "RGB"
