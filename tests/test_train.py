@@ -249,3 +249,20 @@ def test_train_on_an_rgb_image_folder_with_flips(tmp_path):
     model = load(run)
     assert model.image_shape == (3, 8, 8) and model.config["data"]["name"] == "imgs"
     assert Image.open(run / "samples.png").mode == "RGB"
+
+
+def test_time_based_saving(tmp_path, monkeypatch):
+    """--save-minutes checkpoints by the clock as well as by the step count."""
+    import diffusekit.train.loop as loop
+
+    clock = [0.0]
+
+    def fake_monotonic():
+        clock[0] += 20.0  # every call advances 20 s: a save is due every few steps
+        return clock[0]
+
+    monkeypatch.setattr(loop.time, "monotonic", fake_monotonic)
+    run = train(TrainConfig(out=str(tmp_path / "r"), steps=6, save_minutes=1.0,
+                            **{**FAST, "checkpoint_every": 1000, "sample_every": 1000}), progress=False)
+    saved = sorted(int(p.stem.split("-")[1]) for p in (run / "samples").glob("step-*.png"))
+    assert len(saved) >= 2 and saved[-1] == 6 and all(s < 6 for s in saved[:-1])

@@ -59,8 +59,9 @@ class TrainConfig:
     dropout: float | None = None  # default: the preset's
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA)
     flip: bool = False  # random horizontal flips (off for digits: a flipped 7 is not a digit)
-    checkpoint_every: int = 1000
-    sample_every: int = 1000
+    checkpoint_every: int = 1000  # steps between checkpoints (and loss plots) ...
+    sample_every: int = 1000  # ... and sample grids
+    save_minutes: float | None = None  # also checkpoint + sample when this many minutes have passed
     num_samples: int = 64
     sampler: str = "dpmpp_2m"
     sample_steps: int = 25
@@ -89,6 +90,8 @@ class TrainConfig:
             fail("steps", "must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
             fail("minutes", "must be > 0")
+        if self.save_minutes is not None and self.save_minutes <= 0:
+            fail("save_minutes", "must be > 0")
         if not 0 <= self.ema_decay < 1:
             fail("ema_decay", "must lie in [0, 1)")
         if self.lr <= 0:
@@ -201,7 +204,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name}")
     if resume:  # the run's own settings win, except the budget and output cadence the user gives now
         saved = TrainConfig.from_dict(read_config(run_dir)["train"])
-        for name in ("steps", "minutes", "checkpoint_every", "sample_every", "log_every"):
+        for name in ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every"):
             setattr(saved, name, getattr(cfg, name))
         saved.out, cfg = str(run_dir), saved
     cfg.validate()
@@ -276,16 +279,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     bar = tqdm(total=total, initial=start_step, disable=not (progress and ddp.main), desc="train", unit="step",
                dynamic_ncols=True)
     step, window, t_window = start_step, [], time.monotonic()
+    last_save = time.monotonic()
     net.train()
     try:
         while True:
-            stop = (total is not None and step >= total) or (deadline is not None and time.monotonic() >= deadline)
-            if ddp.world > 1:  # every rank must agree to stop at the same step
-                flag = torch.tensor(float(stop), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
+            now = time.monotonic()
+            stop = (total is not None and step >= total) or (deadline is not None and now >= deadline)
+            save_due = cfg.save_minutes is not None and now - last_save >= cfg.save_minutes * 60 and step > start_step
+            if ddp.world > 1:  # every rank must take the same decisions at the same step
+                flags = torch.tensor([float(stop), float(save_due)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stop, save_due = bool(flags[0].item()), bool(flags[1].item())
             if stop:
                 break
+            if save_due and step % cfg.checkpoint_every:  # not already saved at this step
+                checkpoint(step)
+                samples(step)
+                last_save = now
 
             # the global batch's data and randomness, then this rank's slice
             idx = global_batch_indices(cfg.seed, step, cfg.batch_size, len(data))
@@ -345,9 +355,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                         f.write(json.dumps(record) + "\n")
                 window, t_window = [], time.monotonic()
             bar.update(1)
-            bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{lr:.1e}")
+            postfix = {"loss": f"{total_loss:.4f}", "lr": f"{lr:.1e}"}
+            if deadline is not None:  # a minutes budget: tqdm cannot know the ETA, so show the time left
+                postfix["left"] = time.strftime("%M:%S", time.gmtime(max(0.0, deadline - time.monotonic())))
+            bar.set_postfix(postfix)
             if step % cfg.checkpoint_every == 0:
                 checkpoint(step)
+                last_save = time.monotonic()
             if step % cfg.sample_every == 0:
                 samples(step)
     except StopTraining:
