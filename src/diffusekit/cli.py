@@ -77,6 +77,19 @@ def _sample(args) -> None:
     print(f"wrote {args.output} ({args.n} samples, {args.sampler}, {args.steps} steps, seed {args.seed}) from {model.path}")
 
 
+def _bench(args) -> None:
+    from .bench import samplers as bench_samplers
+    from .schedule_opt import Calibration
+
+    calibration = Calibration(num_samples=args.calibration_samples, reference_steps=args.reference_steps,
+                              dtype=torch.float64)
+    peers = False if args.peers is None else (args.peers or True)  # --peers alone: every peer
+    bench_samplers.run(mixtures=args.mixture or bench_samplers.DEFAULT_MIXTURES, schedule=args.schedule,
+                       nfes=args.nfe, samples=args.samples, samplers=args.samplers, spacings=args.spacings,
+                       opt_samplers=args.opt_samplers, peers=peers, out_dir=args.out_dir, seed=args.seed,
+                       top=args.top, calibration=calibration)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusekit", description="Diffusion models end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--sample-every", type=int)
+    p.add_argument("--save-minutes", type=float, help="also checkpoint and sample every this many minutes")
     p.add_argument("--log-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -139,6 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-individual", metavar="DIR", help="also write each sample as its own PNG")
     p.add_argument("--device")
     p.set_defaults(run=_sample)
+
+    from .bench import samplers as bench_samplers
+
+    p = sub.add_parser("bench", help="benchmarks against exact references and peer libraries")
+    targets = p.add_subparsers(dest="target", required=True)
+    b = targets.add_parser("samplers", help="samplers and sigma schedules on the Gaussian-mixture oracle, as a "
+                           "discrete VP eps model (with --peers: against diffusers and k-diffusion)")
+    b.add_argument("--mixture", action="append", metavar="SPEC",
+                   help="2d, 64d, random:DIM:COMPONENTS:SEED or a JSON file with means/stds/weights "
+                        "(repeat for several; default: 2d and 64d)")
+    b.add_argument("--schedule", default="linear", choices=["linear", "scaled_linear"],
+                   help="the model's 1,000-step beta schedule (default linear)")
+    b.add_argument("--nfe", type=int, nargs="+", default=list(bench_samplers.NFES), help="model-evaluation budgets")
+    b.add_argument("--samples", type=int, default=512, help="noise samples per mixture (default 512)")
+    b.add_argument("--samplers", nargs="+", default=list(bench_samplers.DEFAULT_SAMPLERS), metavar="NAME[:k=v,...]",
+                   help="diffusekit samplers, with options, e.g. unipc:order=3")
+    b.add_argument("--spacings", nargs="+", default=list(bench_samplers.DEFAULT_SPACINGS), metavar="NAME[:k=v]",
+                   help="sigma spacings, e.g. karras:rho=5; 'optimised' is computed from the model")
+    b.add_argument("--opt-samplers", nargs="*", default=list(bench_samplers.DEFAULT_OPT_SAMPLERS),
+                   metavar="NAME[:k=v,...]", help="samplers that get the optimised schedule (among --samplers)")
+    b.add_argument("--calibration-samples", type=int, default=256, help="optimised schedule: calibration noise draws")
+    b.add_argument("--reference-steps", type=int, default=200, help="optimised schedule: reference solver steps")
+    b.add_argument("--peers", nargs="*", metavar="NAME",
+                   help="also run diffusers' schedulers and k-diffusion's samplers (all, or only those named)")
+    b.add_argument("--top", type=int, default=3, help="rows shown per family and NFE (the CSV has all)")
+    b.add_argument("-o", "--out-dir", default="bench-samplers", help="folder for samplers.csv and samplers.png")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(run=_bench)
     return parser
 
 

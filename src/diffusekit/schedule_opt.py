@@ -5,7 +5,7 @@ probability-flow trajectories.
 
 1. Calibration noise: `num_samples` draws x_T ~ N(0, I) from `seed`, started at sigma_max
    (scaled by sqrt(1 + sigma_max^2) for a variance-preserving model, by sigma_max otherwise).
-2. Reference endpoints, with the model: DPM-Solver++(3M) on `reference_steps` noise levels, even
+2. Reference endpoints, with the model: UniPC-3 (bh2) on `reference_steps` noise levels, even
    in log sigma from sigma_max down to 1.25 sigma_min, then sigma_min. A model says nothing about
    noise levels below its sigma_min, and the step from sigma_min to 0 (x = D(x, sigma_min)) is the
    largest error of the usual samplers at high NFE (diffusers' DPM-Solver++ and UniPC lose most of
@@ -13,22 +13,28 @@ probability-flow trajectories.
    D(x(sigma), sigma) = x(0) + c sigma^2 + O(sigma^4) (for one Gaussian it is exactly a function of
    sigma^2), so the reference endpoint is the Richardson extrapolation of D in sigma^2 from the last
    two levels. On the oracle mixtures this cuts the error of the endpoint 30-100x below D(sigma_min).
-3. Search: the schedule's nonzero levels are log sigma_i = b_i + d(i / (n - 1)), where b is the
-   best of a few standard schedules (Karras rho = 7 and 3, exponential, polyexponential rho = 2,
-   and uniform-in-t for discrete models) on the calibration loss, and d is piecewise linear through
-   K = min(n - 1, 10) knots with d(0) = 0 (sigmas[0] stays sigma_max, where the noise lives; with
-   n - 1 <= 10 every level is free). The loss is the mean squared distance between the solver's
-   output and the reference endpoints; a coordinate pattern search over the knots (with a
-   parabolic step when a coordinate brackets its minimum) lowers it. Levels stay strictly
-   descending and inside [sigma_min, sigma_max], so a discrete model is never asked for a noise
-   level outside its table.
+3. Search: the schedule's nonzero levels are log sigma_i = b_i + d(i / (n - 1)). The base b is the
+   best, on the calibration loss, of 42 standard shapes (Karras rho 3 and 7, polyexponential rho
+   0.7, 1, 2, 3, uniform in t for discrete models) each ending at one of six last levels
+   sigma_min (sigma_max / sigma_min)^f, f = 0, 0.1, ..., 0.5: with few steps the best last level is
+   far above sigma_min (on multi-modal data the final x = D(x, sigma_last) is then a safe posterior
+   mean), with many it is sigma_min. The offset d is piecewise linear through K = min(n - 1, 10)
+   knots with d(0) = 0 (sigmas[0] stays sigma_max, where the noise lives; for n <= 11 every other
+   level is free). The loss is the mean squared distance between the solver's output and the
+   reference endpoints; a coordinate pattern search over the knots (with a parabolic step when a
+   coordinate brackets its minimum) lowers it. Levels stay strictly descending inside
+   [sigma_min, sigma_max], so a discrete model is never asked for a level outside its table.
 
 NFE budget: every model evaluation is one batch of `num_samples` calibration samples. The
 reference costs `reference_steps` evaluations; the base candidates and the search together run
-the solver at most `max_runs` times, `nfe(n)` evaluations each (the solver's NFE for n steps).
-`Calibration.max_model_calls(nfe)` is that bound; the defaults (128 samples, 200 reference steps,
-max_runs = min(200, max(40, 4000 // nfe))) stay below about 4,200 batched evaluations, about
-540,000 single-sample evaluations.
+the solver at most `max_runs` times, nfe(n) evaluations each (the solver's NFE for n steps).
+`Calibration.max_model_calls(nfe)` is that bound: with the defaults (256 samples, 200 reference
+steps, max_runs = min(200, max(60, 3000 // nfe))) at most 3,200 batched evaluations (1,200 at
+NFE 5, 2,200 at NFE 10), i.e. at most about 820,000 single-sample evaluations.
+
+What it cannot fix: on well-separated mixtures the error at 5-10 NFE is dominated by the few
+samples that the solver sends to another mode than the exact flow does; the calibration loss sees
+only a few of them, so part of its gain there is noise-fitting. More `num_samples` helps.
 
 The result is a pure function of (denoiser, n, solver, solver options, calibration settings,
 seed): nothing is cached between calls, and no data is looked at, only the model.
@@ -54,18 +60,18 @@ class Calibration:
 
     num_samples: calibration noise draws, evaluated as one batch per model evaluation.
     reference_steps: model evaluations of the reference solve.
-    max_runs: solver runs (base candidates plus search); None: min(200, max(40, 4000 // nfe)).
+    max_runs: solver runs (base candidates plus search); None: min(200, max(60, 3000 // nfe)).
     dtype, device: of the calibration batch (float32 suits networks; the oracle may use float64).
     """
 
-    num_samples: int = 128
+    num_samples: int = 256
     reference_steps: int = 200
     max_runs: int | None = None
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
 
     def runs(self, nfe: int) -> int:
-        return self.max_runs if self.max_runs is not None else min(200, max(40, 4000 // max(nfe, 1)))
+        return self.max_runs if self.max_runs is not None else min(200, max(60, 3000 // max(nfe, 1)))
 
     def max_model_calls(self, nfe: int) -> int:
         """The most batched model evaluations an optimisation whose solver takes `nfe` evaluations may use."""
@@ -94,23 +100,39 @@ class _Budget:
         return True
 
 
-def _base_candidates(n: int, sigma_min: float, sigma_max: float, schedule) -> dict[str, Tensor]:
-    from .schedules import exponential_sigmas, karras_sigmas, polyexponential_sigmas
+SHAPES = (("karras", 3.0), ("karras", 7.0), ("polyexponential", 0.7), ("polyexponential", 1.0),
+          ("polyexponential", 2.0), ("polyexponential", 3.0), ("uniform", None))
+END_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
-    candidates = {
-        "karras": karras_sigmas(n, sigma_min, sigma_max, 7.0),
-        "karras(rho=3)": karras_sigmas(n, sigma_min, sigma_max, 3.0),
-        "exponential": exponential_sigmas(n, sigma_min, sigma_max),
-        "polyexponential(rho=2)": polyexponential_sigmas(n, sigma_min, sigma_max, 2.0),
-    }
-    if schedule is not None and schedule.is_discrete:
-        candidates["uniform"] = schedule.get_sigmas(n, "uniform")
-    return {name: s[:-1] for name, s in candidates.items()}
+
+def _base_candidates(n: int, sigma_min: float, sigma_max: float, schedule) -> dict[str, np.ndarray]:
+    """Log sigmas of standard shapes (Karras rho 3 and 7, polyexponential rho 0.7-3, uniform in t for
+    discrete models) from sigma_max down to several last levels sigma_end = sigma_min
+    (sigma_max / sigma_min)^f: with few steps the best last level is often far above sigma_min
+    (the final x = D(x, sigma_end) is then a safe posterior mean)."""
+    from .schedules import karras_sigmas, polyexponential_sigmas
+
+    out = {}
+    for f in END_FRACTIONS if n > 1 else (0.0,):
+        end = sigma_min * (sigma_max / sigma_min) ** f
+        for shape, rho in SHAPES:
+            if shape == "karras":
+                sigmas = karras_sigmas(n, end, sigma_max, rho)[:-1]
+            elif shape == "polyexponential":
+                sigmas = polyexponential_sigmas(n, end, sigma_max, rho)[:-1]
+            elif schedule is not None and schedule.is_discrete:
+                t_end = float(schedule.sigma_to_t(torch.tensor([end], dtype=torch.float64))[0])
+                sigmas = schedule.t_to_sigma(torch.linspace(schedule.num_steps - 1, t_end, n, dtype=torch.float64))
+            else:
+                continue
+            name = f"{shape}" + (f"(rho={rho:g})" if rho is not None else "") + f", end {end:.3g}"
+            out[name] = sigmas.log().numpy()
+    return out
 
 
 def reference_endpoints(denoiser, x: Tensor, sigma_min: float, sigma_max: float, steps: int,
                         cond: dict | None = None) -> Tensor:
-    """The model's own ODE endpoints from x at sigma_max: DPM-Solver++(3M) on `steps` levels to
+    """The model's own ODE endpoints from x at sigma_max: UniPC-3 on `steps` levels to
     sigma_min, then Richardson extrapolation of the denoiser output in sigma^2 (module docstring).
     Costs exactly `steps` model evaluations."""
     from .sampling import sample
@@ -133,15 +155,17 @@ def reference_endpoints(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
 
 
 def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sample_shape,
-                     variance_preserving: bool, solver: str = "dpmpp_3m_sde", solver_options: dict | None = None,
+                     variance_preserving: bool, solver: str = "unipc", solver_options: dict | None = None,
                      seed: int = 0, calibration: Calibration | None = None, schedule=None,
                      cond: dict | None = None, info: dict | None = None) -> Tensor:
     """n noise levels optimised for `solver` on `denoiser`, then 0 (float64, descending).
 
-    `sample_shape` is the shape of one sample (e.g. (3, 64, 64)); `schedule` (optional) adds the
-    uniform-in-t candidate for discrete models. `info`, if given, receives the model evaluations
-    used (`model_calls`), the solver runs, the base schedule chosen and the calibration loss before
-    and after the search."""
+    `solver` is any deterministic fixed-NFE sampler, with `solver_options` (e.g. unipc with
+    {"order": 3}; a stochastic one with {"eta": 0}). `sample_shape` is the shape of one sample
+    (e.g. (3, 64, 64)); `schedule` (optional) adds the uniform-in-t bases for discrete models;
+    `cond` is passed to every model call. `info`, if given, receives the model evaluations used
+    (`model_calls`, never more than `max_model_calls`), the solver runs, the base schedule chosen
+    and the calibration MSE before and after the search."""
     from .sampling import get_sampler, sample
 
     calibration = calibration or Calibration()
@@ -175,12 +199,13 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
     budget = _Budget(calibration.runs(nfe))
     log_min, log_max = math.log(sigma_min), math.log(sigma_max)
 
-    def loss(log_sigmas: np.ndarray) -> float:
-        """Calibration MSE of the solver on these levels; inf (and no model call) if they are invalid."""
+    def loss(log_sigmas: np.ndarray) -> float | None:
+        """Calibration MSE of the solver on these levels (None once the budget is spent); inf, with
+        no model call, for levels that are not strictly descending inside [sigma_min, sigma_max]."""
         if not (np.all(np.diff(log_sigmas) < 0) and log_sigmas[-1] >= log_min - 1e-12):
             return math.inf
         if not budget.take():
-            return math.nan
+            return None
         sigmas = torch.tensor(np.append(np.exp(log_sigmas), 0.0), dtype=torch.float64)
         sigmas[0] = sigma_max
         with torch.no_grad():
@@ -189,28 +214,30 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
         return value if math.isfinite(value) else math.inf
 
     bases = _base_candidates(n, sigma_min, sigma_max, schedule)
-    scores = {name: loss(base.log().numpy()) for name, base in bases.items()}
-    base_name = min(scores, key=lambda k: (scores[k] if math.isfinite(scores[k]) else math.inf))
-    base = bases[base_name].log().numpy()
-    best, best_delta = scores[base_name], np.zeros(min(n - 1, MAX_KNOTS))
-    initial = best
-    if n > 1 and math.isfinite(best):
-        best, best_delta = _pattern_search(loss, base, best, best_delta, (log_max - log_min) / (n - 1))
-    log_sigmas = _apply(base, best_delta)
-    sigmas = torch.tensor(np.append(np.exp(log_sigmas), 0.0), dtype=torch.float64)
+    scores = {}
+    for name, base in bases.items():
+        value = loss(base)
+        if value is None:
+            break
+        scores[name] = value
+    base_name = min(scores, key=scores.get)
+    base, best = bases[base_name], scores[base_name]
+    delta = np.zeros(min(n - 1, MAX_KNOTS))
+    if len(delta) and math.isfinite(best):
+        best, delta = _pattern_search(loss, base, best, delta, (log_max - log_min) / (n - 1))
+    sigmas = torch.tensor(np.append(np.exp(_apply(base, delta)), 0.0), dtype=torch.float64)
     sigmas[0] = sigma_max
     sigmas[-2] = max(float(sigmas[-2]), sigma_min)
     if info is not None:
         info.update(model_calls=calls["n"], solver_runs=budget.used, nfe=nfe, base=base_name,
-                    base_scores=scores, loss_initial=initial, loss_final=best,
-                    max_model_calls=calibration.max_model_calls(nfe))
+                    loss_initial=scores[base_name], loss_final=best, max_model_calls=calibration.max_model_calls(nfe))
     return sigmas
 
 
 def _apply(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """base + d(u_i), with d piecewise linear through (j / K, delta_j), d(0) = 0."""
+    """base + d(u_i), u_i = i / (n - 1), with d piecewise linear through (j / K, delta_j) and d(0) = 0."""
     n = len(base)
-    if n == 1 or len(delta) == 0:
+    if len(delta) == 0:
         return base.copy()
     knots = np.linspace(0, 1, len(delta) + 1)
     return base + np.interp(np.linspace(0, 1, n), knots, np.concatenate([[0.0], delta]))
@@ -218,9 +245,9 @@ def _apply(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
 
 def _pattern_search(loss, base, best, delta, gap):
     """Coordinate pattern search on the knot offsets: try a step in the last good direction, then
-    the other; on success grow the step, otherwise take the vertex of the parabola through the
-    three values (when it brackets a minimum) and halve the step. Stops when the budget is spent or
-    every step is below 1e-3 in log sigma."""
+    the other; on success grow the step, otherwise try the vertex of the parabola through the three
+    values (when they bracket a minimum) and halve the step. Stops when the budget is spent or every
+    step is below 1e-3 in log sigma."""
     steps = np.full(len(delta), float(np.clip(0.4 * gap, 0.02, 1.0)))
     while np.abs(steps).max() > 1e-3:
         for j in range(len(delta)):
@@ -232,7 +259,7 @@ def _pattern_search(loss, base, best, delta, gap):
                 trial = delta.copy()
                 trial[j] += sign * s
                 value = loss(_apply(base, trial))
-                if math.isnan(value):
+                if value is None:
                     return best, delta
                 values[sign] = value
                 if value < best:
@@ -242,13 +269,13 @@ def _pattern_search(loss, base, best, delta, gap):
             else:
                 lo, hi = values[-1.0], values[1.0]
                 curvature = lo - 2 * best + hi
-                if math.isfinite(lo) and math.isfinite(hi) and curvature > 0:
+                if math.isfinite(curvature) and curvature > 0:
                     offset = s * (lo - hi) / (2 * curvature)
                     if abs(offset) > 1e-4:
                         trial = delta.copy()
                         trial[j] += offset
                         value = loss(_apply(base, trial))
-                        if math.isnan(value):
+                        if value is None:
                             return best, delta
                         if value < best:
                             best, delta = value, trial

@@ -311,6 +311,13 @@ class NoiseSchedule:
         beta_d: float = 19.9,
         beta_min: float = 0.1,
         eps_s: float = 1e-3,
+        denoiser=None,
+        sample_shape=None,
+        solver: str = "unipc",
+        solver_options: dict | None = None,
+        seed: int = 0,
+        calibration=None,
+        info: dict | None = None,
     ) -> Tensor:
         """n noise levels, descending, followed by 0 (so n solver steps), float64.
 
@@ -321,11 +328,27 @@ class NoiseSchedule:
         `linspace`. With `set_alpha_to_one=False` (diffusers' DDIM option, used by Stable Diffusion)
         the discrete sequences end at sigma(t = 0) before the final 0, so a sampler's last step
         denoises from that level.
+
+        `optimised` is computed from the model for one solver (`diffusekit.schedule_opt`: the
+        solver's endpoint error against the model's own fine-step ODE solutions from calibration
+        noise, minimised over the levels). It needs `denoiser=` and `sample_shape=` (one sample's
+        shape) and takes `solver` / `solver_options` (a deterministic sampler and its options, e.g.
+        "unipc" with {"order": 3}), `seed` (of the calibration noise), `calibration` (a
+        `schedule_opt.Calibration`: the model-evaluation budget) and `info` (a dict that receives
+        the evaluations used). Use it with the solver it was made for; it starts at sigma_max and
+        stays inside [sigma_min, sigma_max].
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n (number of steps) must be a positive integer, got {n!r}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        if spacing not in ALL_SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(ALL_SPACINGS)}")
+        if spacing == "optimised":
+            from .schedule_opt import optimised_sigmas
+
+            return optimised_sigmas(denoiser, n, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                                    sample_shape=sample_shape, variance_preserving=self.is_discrete, solver=solver,
+                                    solver_options=solver_options, seed=seed, calibration=calibration,
+                                    schedule=self, info=info)
         if spacing == "karras":
             return karras_sigmas(n, self.sigma_min, self.sigma_max, 7.0 if rho is None else rho)
         if spacing == "exponential":
@@ -356,3 +379,6 @@ class NoiseSchedule:
 
 
 SPACINGS = ("karras", "exponential", "polyexponential", "vp", "uniform", "leading", "trailing", "linspace")
+# Spacings computed from the model itself (they need `denoiser=`; see `schedule_opt`).
+OPTIMISED_SPACINGS = ("optimised",)
+ALL_SPACINGS = SPACINGS + OPTIMISED_SPACINGS

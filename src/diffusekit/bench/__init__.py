@@ -1,0 +1,1 @@
+"""Benchmarks behind `diffusekit bench`: comparisons against the exact oracle and against peer libraries."""
