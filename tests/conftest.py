@@ -36,40 +36,12 @@ def share_tables():
     return _share_tables
 
 
-def _load_k_diffusion_sampling():
-    """k-diffusion's `sampling` module. `import k_diffusion` imports every submodule, and its
-    `utils` imports torchvision (a CUDA build from PyPI that fails beside the CPU torch), so the file
-    `k_diffusion/sampling.py` is loaded alone, with a `utils` that holds the one helper it uses."""
-    import importlib.util
-    import sys
-    import types
-    from pathlib import Path
-
-    for dep in ("scipy", "torchsde", "torchdiffeq"):
-        pytest.importorskip(dep)
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
-    if "_k_diffusion_ref.sampling" in sys.modules:
-        return sys.modules["_k_diffusion_ref.sampling"]
-    package = types.ModuleType("_k_diffusion_ref")
-    package.__path__ = []
-    utils = types.ModuleType("_k_diffusion_ref.utils")
-
-    def append_dims(x, target_dims):
-        return x[(...,) + (None,) * (target_dims - x.ndim)]
-
-    utils.append_dims = append_dims
-    package.utils = utils
-    sys.modules["_k_diffusion_ref"], sys.modules["_k_diffusion_ref.utils"] = package, utils
-    path = Path(spec.submodule_search_locations[0]) / "sampling.py"
-    file_spec = importlib.util.spec_from_file_location("_k_diffusion_ref.sampling", path)
-    module = importlib.util.module_from_spec(file_spec)
-    sys.modules["_k_diffusion_ref.sampling"] = module
-    file_spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def k_sampling():
-    return _load_k_diffusion_sampling()
+    """k-diffusion's sampling.py as a reference (loaded without torchvision, as the bench does)."""
+    from diffusekit.bench.samplers import load_k_diffusion_sampling
+
+    try:
+        return load_k_diffusion_sampling()
+    except ValueError as e:
+        pytest.skip(str(e))

@@ -82,22 +82,25 @@ class Denoiser(nn.Module):
             c_noise = sigma.clamp(min=1e-300).log() / 4
         return c_skip, c_out, c_in, c_noise
 
-    def network_output(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        """The raw network output F(c_in x, c_noise) (what the training loss compares)."""
+    def _evaluate(self, x: Tensor, sigma: Tensor, cond: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """The network output and (c_skip, c_out), preconditioning computed once."""
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must have shape [{x.shape[0]}] (one per sample of x), got {tuple(sigma.shape)}")
-        _, _, c_in, c_noise = self.precondition(sigma)
+        c_skip, c_out, c_in, c_noise = self.precondition(sigma)
         output = self.network(per_sample(c_in, x) * x, c_noise.to(x.dtype), **cond)
         if output.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(output.shape)} for input {tuple(x.shape)}")
-        return output
+        return output, c_skip, c_out
+
+    def network_output(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        """The raw network output F(c_in x, c_noise) (what the training loss compares)."""
+        return self._evaluate(x, sigma, cond)[0]
 
     def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        output = self.network_output(x, sigma, **cond)
-        c_skip, c_out, _, _ = self.precondition(torch.as_tensor(sigma, device=x.device).expand(x.shape[0]))
+        output, c_skip, c_out = self._evaluate(x, sigma, cond)
         return per_sample(c_skip, x) * x + per_sample(c_out, x) * output
 
 

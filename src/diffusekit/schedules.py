@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -261,10 +262,14 @@ class NoiseSchedule:
     def alphas(self) -> Tensor:
         return 1 - self.betas
 
-    @property
+    @cached_property  # a pure function of the frozen table; sigma_to_t reads it on every denoiser call
     def sigmas(self) -> Tensor:
         """sigma_t for t = 0 .. T-1 (ascending; a zero terminal abar is read as 2**-24, see above)."""
         return _vp_sigmas(self._require_discrete("sigmas"))
+
+    @cached_property
+    def _log_sigmas(self) -> Tensor:
+        return self.sigmas.log()
 
     @property
     def log_snr(self) -> Tensor:
@@ -277,7 +282,7 @@ class NoiseSchedule:
         neighbouring steps (`interp`, k-diffusion's convention) or the nearest step (`nearest`).
         Sigmas outside the table clamp to t = 0 or T - 1."""
         sigma = torch.as_tensor(sigma)
-        log_sigmas = self.sigmas.log().to(sigma.device)
+        log_sigmas = self._log_sigmas.to(sigma.device)
         log_sigma = sigma.to(torch.float64).clamp(min=1e-300).log()
         if mode == "nearest":
             return (log_sigma[..., None] - log_sigmas).abs().argmin(-1).to(torch.float64)
@@ -291,7 +296,7 @@ class NoiseSchedule:
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Sigma at a (fractional) timestep, interpolating log sigma between integer steps."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        log_sigmas = self.sigmas.log().to(t.device)
+        log_sigmas = self._log_sigmas.to(t.device)
         t = t.clamp(0, len(log_sigmas) - 1)
         low = t.floor().long()
         high = t.ceil().long()
