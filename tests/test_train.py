@@ -266,3 +266,13 @@ def test_time_based_saving(tmp_path, monkeypatch):
                             **{**FAST, "checkpoint_every": 1000, "sample_every": 1000}), progress=False)
     saved = sorted(int(p.stem.split("-")[1]) for p in (run / "samples").glob("step-*.png"))
     assert len(saved) >= 2 and saved[-1] == 6 and all(s < 6 for s in saved[:-1])
+
+
+def test_corrupt_checkpoint_weights_give_a_clear_error(tmp_path, capsys):
+    run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
+    folder = run / (run / "latest").read_text().strip()
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    assert main(["sample", str(run), "-o", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "corrupt" in err
+    assert not (tmp_path / "g.png").exists()

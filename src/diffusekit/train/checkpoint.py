@@ -111,6 +111,16 @@ def schedule_from_config(spec: dict) -> NoiseSchedule:
                                    zero_terminal_snr=spec.get("zero_terminal_snr", False))
 
 
+def read_weights(path: Path) -> dict:
+    """A safetensors file, with a one-line error if it is truncated or not safetensors at all."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; the checkpoint is incomplete") from None
+    except Exception as e:  # safetensors raises its own error type for corrupt headers
+        raise ValueError(f"cannot read weights {path} ({e}); the file is corrupt, use another checkpoint") from None
+
+
 def load_state_strict(module: torch.nn.Module, state: dict, source) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
@@ -151,6 +161,6 @@ def load(path, device="cpu") -> Model:
     if config.get("model", {}).get("type") != "unet":
         raise ValueError(f"{folder}: unknown model type {config.get('model', {}).get('type')!r}")
     network = UNet(UNetConfig.from_dict(config["model"]["config"]))
-    load_state_strict(network, load_file(str(folder / "model.safetensors")), folder / "model.safetensors")
+    load_state_strict(network, read_weights(folder / "model.safetensors"), folder / "model.safetensors")
     network.to(device).eval().requires_grad_(False)
     return Model(network, schedule_from_config(config["schedule"]), config["prediction"], config, folder)

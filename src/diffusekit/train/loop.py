@@ -31,7 +31,8 @@ from ..images import image_grid, line_plot, save_image
 from ..nn.unet import PRESETS, UNet, UNetConfig, preset
 from ..pipelines.generate import generate
 from ..schedules import BETA_SCHEDULES, NoiseSchedule
-from .checkpoint import FORMAT, VERSION, load_state_strict, read_config, resolve_checkpoint, save_checkpoint
+from .checkpoint import (FORMAT, VERSION, load_state_strict, read_config, read_weights, resolve_checkpoint,
+                         save_checkpoint)
 
 
 @dataclass
@@ -232,9 +233,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             raise ValueError(f"{folder} holds a different model than these settings; resume with the run's own settings")
         state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
         load_state_strict(net, state["model"], folder / "train_state.pt")
-        from safetensors.torch import load_file
-
-        load_state_strict(ema, load_file(str(folder / "model.safetensors")), folder / "model.safetensors")
+        load_state_strict(ema, read_weights(folder / "model.safetensors"), folder / "model.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
