@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -63,14 +64,25 @@ def _sample(args) -> None:
 
     if args.n < 1:
         raise ValueError("--n must be >= 1")
+    if args.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        lines = Path(args.prompt_file).read_text().splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompt_file} holds no prompts (one per line)")
     model = load(args.run_dir, device=args.device or "cpu")
+    device = args.device or "cpu"
+    cond, uncond = model.conditioning(args.n, class_labels=args.class_label, prompts=prompts or None,
+                                      negative_prompt=args.negative_prompt, device=device)
+    guidance = args.guidance if cond is not None else 1.0
     x = generate(model.denoiser, model.schedule, model.image_shape, args.n, seed=args.seed, sampler=args.sampler,
-                 steps=args.steps, spacing=args.spacing, device=args.device or "cpu", progress=True,
-                 clip=None if args.no_clip else (-1.0, 1.0))
+                 steps=args.steps, spacing=args.spacing, device=device, progress=True, cond=cond, uncond=uncond,
+                 guidance=guidance, guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
+                 threshold=args.threshold, clip=None if args.no_clip else (-1.0, 1.0))
     save_image(image_grid(x), args.output)
     if args.save_individual:
-        from pathlib import Path
-
         folder = Path(args.save_individual)
         for i, image in enumerate(x):
             save_image(tensor_to_pil(image), folder / f"{args.seed}-{i:05d}.png")
@@ -128,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float)
     p.add_argument("--schedule", help="noise schedule (linear, scaled_linear, cosine, sigmoid)")
     p.add_argument("--prediction", help="eps, v or x0")
+    p.add_argument("--class-conditional", action="store_true", default=None,
+                   help="condition on the data's labels (with label dropout for guidance)")
+    p.add_argument("--text-encoder", help="condition on captions: minilm (packaged) or clip:PATH")
+    p.add_argument("--cond-dropout", type=float, help="how often labels/captions are dropped (default 0.1)")
+    p.add_argument("--sample-guidance", type=float, help="guidance scale of the preview grids (default 3)")
     p.add_argument("--weighting", help="uniform or min_snr")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (CUDA)")
     p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
@@ -151,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", default="grid.png")
     p.add_argument("--save-individual", metavar="DIR", help="also write each sample as its own PNG")
+    p.add_argument("--class", dest="class_label", type=int, nargs="+", metavar="K",
+                   help="class-conditional models: the class(es) to draw, cycled over the samples")
+    p.add_argument("--prompt", action="append", help="text models: a prompt (repeat for several; cycled over the "
+                   "samples; an empty prompt is unconditional)")
+    p.add_argument("--prompt-file", help="text models: a file with one prompt per line")
+    p.add_argument("--negative-prompt", help="text models: what to steer away from (replaces the empty prompt)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale for conditional "
+                   "models (1 = none; default 3)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="apply guidance only for sigma in (LOW, HIGH]")
+    p.add_argument("--threshold", type=float, metavar="P", help="dynamic thresholding at percentile P (e.g. 0.995)")
     p.add_argument("--device")
     p.set_defaults(run=_sample)
 

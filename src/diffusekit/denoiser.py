@@ -17,6 +17,8 @@ sd = 1, so c_in x = sqrt(abar) x is exactly the x_t the network was trained on, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -117,3 +119,123 @@ class ClampedDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
         return self.denoiser(x, sigma, **cond).clamp(self.low, self.high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance: wrappers with the denoiser's own signature, so every sampler works with them unchanged
+# ---------------------------------------------------------------------------------------------
+
+
+def concat_cond(a: dict, b: dict) -> dict:
+    """Two conditioning dicts as one batch: tensors concatenated along the batch, text states and
+    masks padded to the longer sequence first (the padding is masked out)."""
+    if set(a) != set(b):
+        raise ValueError(f"conditional and unconditional inputs need the same keywords, got {sorted(a)} and {sorted(b)}")
+    out = {}
+    for key, u in a.items():
+        v = b[key]
+        if u is None or v is None:
+            if u is not v:
+                raise ValueError(f"{key!r} is given for one branch of the guidance but not the other")
+            out[key] = None
+            continue
+        if key in ("context", "context_mask") and u.shape[1] != v.shape[1]:
+            length = max(u.shape[1], v.shape[1])
+            pad = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]))  # noqa: E731
+            u, v = pad(u), pad(v)
+        out[key] = torch.cat([u, v])
+    return out
+
+
+def _raw_output_coefficients(denoiser, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) of the wrapped model, so D can be mapped back to the network's own output
+    (eps for eps models, v for v models). Models without preconditioning count as eps models."""
+    base = denoiser
+    while not hasattr(base, "precondition") and hasattr(base, "denoiser"):
+        base = base.denoiser
+    if hasattr(base, "precondition"):
+        c_skip, c_out = base.precondition(sigma)[:2]
+        return c_skip, c_out
+    return torch.ones_like(sigma, dtype=torch.float64), -sigma.to(torch.float64)
+
+
+class GuidedDenoiser(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022): D = D_u + scale (D_c - D_u), with the
+    conditional and unconditional passes batched into one network call.
+
+    `uncond` holds the unconditional keywords (the "no class" label, the empty prompt's states, or
+    a negative prompt's); it is broadcast to the batch when it has batch size 1.
+    `rescale` (Lin et al. 2023, Alg. 2) matches the guided output's standard deviation to the
+    conditional one's, in the network's own output space (as diffusers does), and blends
+    `rescale` of that in. `interval=(low, high)` applies guidance only where low < sigma <= high
+    (Kynkäänniemi et al. 2024); elsewhere the conditional model alone runs.
+    """
+
+    def __init__(self, denoiser, scale: float, uncond: dict, *, rescale: float = 0.0,
+                 interval: tuple[float, float] | None = None):
+        super().__init__()
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"guidance scale must be >= 0 (1 = no guidance), got {scale}")
+        if not 0 <= rescale <= 1:
+            raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
+        if interval is not None and not interval[0] < interval[1]:
+            raise ValueError(f"guidance interval must be (low, high) with low < high, got {interval}")
+        self.denoiser, self.scale, self.uncond = denoiser, float(scale), dict(uncond)
+        self.rescale, self.interval = float(rescale), interval
+
+    def _uncond_for(self, batch: int) -> dict:
+        out = {}
+        for key, value in self.uncond.items():
+            if isinstance(value, Tensor) and value.shape[0] == 1 and batch > 1:
+                value = value.expand(batch, *value.shape[1:])
+            out[key] = value
+        return out
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        if self.scale == 1.0:
+            return self.denoiser(x, sigma, **cond)
+        guided = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        if self.interval is not None:
+            guided = (sigma > self.interval[0]) & (sigma <= self.interval[1])
+            if not guided.any():
+                return self.denoiser(x, sigma, **cond)
+        both = concat_cond(cond, self._uncond_for(x.shape[0]))
+        d_cond, d_uncond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        out = d_uncond + self.scale * (d_cond - d_uncond)
+        if self.rescale > 0:
+            out = self._rescaled(x, sigma, d_cond, out)
+        return torch.where(per_sample(guided, x).bool(), out, d_cond)
+
+    def _rescaled(self, x: Tensor, sigma: Tensor, d_cond: Tensor, d_guided: Tensor) -> Tensor:
+        c_skip, c_out = (per_sample(c.to(x.dtype), x) for c in _raw_output_coefficients(self.denoiser, sigma))
+        safe_out = torch.where(c_out == 0, torch.ones_like(c_out), c_out)
+        f_cond, f_guided = (d_cond - c_skip * x) / safe_out, (d_guided - c_skip * x) / safe_out
+        dims = tuple(range(1, x.ndim))
+        factor = f_cond.std(dims, keepdim=True) / f_guided.std(dims, keepdim=True).clamp(min=1e-12)
+        f_new = f_guided * (self.rescale * factor + 1 - self.rescale)
+        return torch.where(c_out == 0, d_guided, c_skip * x + c_out * f_new)
+
+
+class DynamicThresholdDenoiser(nn.Module):
+    """Imagen's dynamic thresholding (Saharia et al. 2022): per sample, s = the `percentile` of
+    |x0_hat| (at least `max_value`); x0_hat is clamped to [-s, s] and divided by s, then scaled
+    back to [-max_value, max_value]. It keeps high guidance scales from saturating pixels, and is
+    the identity on estimates already inside the range."""
+
+    def __init__(self, denoiser, percentile: float = 0.995, max_value: float = 1.0):
+        super().__init__()
+        if not 0 < percentile <= 1:
+            raise ValueError(f"percentile must lie in (0, 1], got {percentile}")
+        if max_value <= 0:
+            raise ValueError(f"max_value must be > 0, got {max_value}")
+        self.denoiser, self.percentile, self.max_value = denoiser, float(percentile), float(max_value)
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        x0 = self.denoiser(x, sigma, **cond)
+        flat = x0.reshape(x0.shape[0], -1).abs().float()
+        s = torch.quantile(flat, self.percentile, dim=1).clamp(min=self.max_value).to(x0.dtype)
+        s = per_sample(s, x0)
+        return x0.clamp(-s, s) / s * self.max_value

@@ -18,7 +18,7 @@ from .digits import load_digits
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-DATASETS = ("digits", "mnist", "faces")
+DATASETS = ("digits", "mnist", "faces", "shapes", "shapes-heldout")
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _faces() -> Tensor:
 
 
 def load_dataset(spec: str, resolution: int | None = None, channels: int | None = None) -> ImageDataset:
-    """`spec` is a built-in name (digits, mnist, faces) or a folder of images.
+    """`spec` is a built-in name (digits, mnist, faces, shapes, shapes-heldout) or a folder of images.
 
     `resolution` resizes (default: the data's own, 32 for folders); `channels` picks grey (1) or
     RGB (3) for folders (default RGB)."""
@@ -96,6 +96,12 @@ def load_dataset(spec: str, resolution: int | None = None, channels: int | None 
         images, labels = _mnist()
         images = _resize(images, resolution)
         return ImageDataset("mnist", images, labels=labels, num_classes=10, resolution=images.shape[-1], channels=1)
+    if spec in ("shapes", "shapes-heldout"):  # captioned, generated on demand (data/shapes.py)
+        from .shapes import ShapesDataset
+
+        # a finite, cached set of 10,000 drawings: each image is drawn and each caption encoded once
+        return ShapesDataset(size=resolution or 32, split="heldout" if spec.endswith("heldout") else "train",
+                             length=10_000, cache=True)
     if spec == "faces":
         images = _resize(_faces(), resolution or 24)
         return ImageDataset("faces", images, resolution=images.shape[-1], channels=1)

