@@ -63,6 +63,7 @@ def test_context_mask_hides_padding_tokens():
         ("context_dim", dict(context_dim=16)),
         ("resample", dict(resample="pixelshuffle")),
         ("dropout", dict(dropout=1.5)),
+        ("patch_size", dict(image_size=8, patch_size=3)),
     ],
 )
 def test_bad_configs_name_the_field(field, kwargs):
@@ -76,6 +77,27 @@ def test_unknown_preset_and_fields():
     with pytest.raises(ValueError, match="unknown U-Net config fields: bogus"):
         UNetConfig.from_dict({"bogus": 1})
     assert UNetConfig.from_dict(preset("sd15").to_dict()) == preset("sd15")
+
+
+def test_patch_size_is_a_pixel_unshuffle_around_the_same_network():
+    torch.manual_seed(0)
+    patched = UNet(UNetConfig(in_channels=3, image_size=16, patch_size=2, block_out_channels=(32, 64),
+                              attention_resolutions=(4,), concat_channels=1))
+    plain = UNet(UNetConfig(in_channels=12, out_channels=12, image_size=8, block_out_channels=(32, 64),
+                            attention_resolutions=(4,), concat_channels=4))
+    plain.load_state_dict(patched.state_dict())  # the same weights: only the reshaping differs
+    assert patched.config.pyramid() == [8, 4]
+    x, concat, t = torch.randn(2, 3, 16, 16), torch.randn(2, 1, 16, 16), torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        patched.conv_out.weight.normal_()
+        plain.conv_out.weight.copy_(patched.conv_out.weight)
+        out = patched(x, t, concat=concat)
+        unshuffle = torch.nn.functional.pixel_unshuffle
+        ref = torch.nn.functional.pixel_shuffle(plain(unshuffle(x, 2), t, concat=unshuffle(concat, 2)), 2)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        patched(torch.zeros(1, 3, 6, 6), torch.zeros(1), concat=torch.zeros(1, 1, 6, 6))
 
 
 def test_bad_inputs():

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--dropout", type=float)
-    p.add_argument("--schedule", help="noise schedule (linear, scaled_linear, cosine, sigmoid)")
+    p.add_argument("--schedule", help="noise schedule (default cosine; linear, scaled_linear, sigmoid)")
     p.add_argument("--prediction", help="eps, v or x0")
     p.add_argument("--class-conditional", action="store_true", default=None,
                    help="condition on the data's labels (with label dropout for guidance)")

@@ -27,6 +27,7 @@ class UNetConfig:
     in_channels: int = 1
     out_channels: int | None = None  # default: in_channels
     image_size: int = 8  # input side; sets the resolution pyramid that attention_resolutions refers to
+    patch_size: int = 1  # >1: the network runs on p x p pixel patches stacked as channels (p^2 fewer positions)
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 2
     attention_resolutions: tuple[int, ...] = (4,)  # sides at which down/up levels get attention
@@ -67,9 +68,11 @@ class UNetConfig:
             if c % self.norm_groups:
                 fail("block_out_channels", f"{c} is not divisible by norm_groups={self.norm_groups}")
         levels = len(self.block_out_channels)
-        if self.image_size % 2 ** (levels - 1):
-            fail("image_size", f"{self.image_size} cannot be halved {levels - 1} times")
-        pyramid = [self.image_size // 2**i for i in range(levels)]
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            fail("patch_size", f"{self.patch_size} does not divide image_size={self.image_size}")
+        if self.image_size % (self.patch_size * 2 ** (levels - 1)):
+            fail("image_size", f"{self.image_size} (patch {self.patch_size}) cannot be halved {levels - 1} times")
+        pyramid = self.pyramid()
         for r in self.attention_resolutions:
             if r not in pyramid:
                 fail("attention_resolutions", f"{r} is not in the resolution pyramid {pyramid}")
@@ -91,6 +94,10 @@ class UNetConfig:
         if not 0 <= self.dropout < 1:
             fail("dropout", "must lie in [0, 1)")
 
+    def pyramid(self) -> list[int]:
+        """The side of the feature maps at each level (what attention_resolutions refers to)."""
+        return [self.image_size // self.patch_size // 2**i for i in range(len(self.block_out_channels))]
+
     def heads_at(self, level: int) -> int:
         if self.num_heads is None:
             return self.block_out_channels[level] // self.head_dim
@@ -111,9 +118,10 @@ class UNetConfig:
 PRESETS: dict[str, dict] = {
     # ~1M parameters: 8x8 digits (any even side works with image_size set; attention at half size)
     "digits": dict(block_out_channels=(32, 64), layers_per_block=2, attention_resolutions=(4,), head_dim=32),
-    # ~2M parameters: 32x32 RGB shapes, attention (cross-attention for text models) at 16 and 8
-    "shapes": dict(in_channels=3, image_size=32, block_out_channels=(32, 64, 128), layers_per_block=1,
-                   attention_resolutions=(16, 8), head_dim=32),
+    # ~3M parameters for 32x32 RGB shapes on a CPU: 2x2 patches make the pyramid 16-8-4 (a third
+    # of the FLOPs of a full-resolution first level); attention (cross-attention for text) at 8 and 4
+    "shapes": dict(in_channels=3, image_size=32, patch_size=2, block_out_channels=(32, 64, 128), layers_per_block=1,
+                   attention_resolutions=(8, 4), head_dim=32),
     # the DDPM CIFAR-10 network (Ho et al. 2020): ~35.7M parameters
     "cifar32": dict(in_channels=3, image_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
                     attention_resolutions=(16,), head_dim=None, num_heads=1, dropout=0.1),
@@ -373,10 +381,11 @@ class UNet(nn.Module):
         self.config = cfg = config
         ch = cfg.block_out_channels
         temb_dim = ch[0] * 4
-        pyramid = [cfg.image_size // 2**i for i in range(len(ch))]
+        pyramid = cfg.pyramid()
+        patch_area = cfg.patch_size**2
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes else None
-        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d((cfg.in_channels + cfg.concat_channels) * patch_area, ch[0], 3, padding=1)
 
         def resampler(c: int, up: bool) -> nn.Module:
             if cfg.resample == "resblock":
@@ -415,7 +424,7 @@ class UNet(nn.Module):
             self.up_blocks.append(Level(resnets, attentions, resampler(cout, up=True) if level else None, up=True))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels * patch_area, 3, padding=1)
 
     def _run(self, module: nn.Module, *args):
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -427,8 +436,9 @@ class UNet(nn.Module):
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected x of shape [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
-        if x.shape[-1] % 2 ** (len(cfg.block_out_channels) - 1) or x.shape[-2] % 2 ** (len(cfg.block_out_channels) - 1):
-            raise ValueError(f"H and W must be divisible by {2 ** (len(cfg.block_out_channels) - 1)}, got {tuple(x.shape[-2:])}")
+        multiple = cfg.patch_size * 2 ** (len(cfg.block_out_channels) - 1)
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(f"H and W must be divisible by {multiple}, got {tuple(x.shape[-2:])}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -447,6 +457,8 @@ class UNet(nn.Module):
         elif concat is not None:
             raise ValueError("this U-Net takes no concat channels (concat_channels is 0)")
         temb = temb.to(x.dtype)
+        if cfg.patch_size > 1:
+            x = F.pixel_unshuffle(x, cfg.patch_size)
 
         h = self.conv_in(x)
         skips = [h]
@@ -474,4 +486,5 @@ class UNet(nn.Module):
             if block.resampler is not None:
                 h = self._run(block.resampler, h, temb)
 
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        out = self.conv_out(F.silu(self.conv_norm_out(h)))
+        return F.pixel_shuffle(out, cfg.patch_size) if cfg.patch_size > 1 else out
