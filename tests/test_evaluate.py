@@ -12,6 +12,7 @@ from PIL import Image
 
 from diffusekit import evaluate as ev
 from diffusekit.evaluate import add_eval_parser, evaluate, steps_for_nfe
+from diffusekit.metrics.shapes import ATTRIBUTES
 from diffusekit.train import TrainConfig, train
 
 TINY = dict(steps=2, batch_size=8, checkpoint_every=2, sample_every=1000, num_samples=4, sample_steps=2, log_every=1,
@@ -105,7 +106,7 @@ def test_text_model_on_shapes_scores_prompt_adherence(tmp_path):
     m = result["metrics"]
     assert result["evaluation"] == "shapes" and m["seen"]["n"] == 3 and m["heldout"]["n"] == 2
     for part in ("seen", "heldout", "overall"):
-        assert set(m[part]) == {"shape", "colour", "size", "position", "count", "all", "n"}
+        assert set(m[part]) == set(ATTRIBUTES) | {"n"}
         assert all(0 <= m[part][k] <= 1 for k in m[part] if k != "n")
     main = result["main_metric"]
     assert (main["name"], main["value"], main["higher_is_better"]) == ("adherence_all", m["overall"]["all"], True)

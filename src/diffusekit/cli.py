@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluate import add_eval_parser
 from .schedules import SCHEDULE_NAMES, BETA_SCHEDULES, NoiseSchedule
 
 
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, metavar="P", help="dynamic thresholding at percentile P (e.g. 0.995)")
     p.add_argument("--device")
     p.set_defaults(run=_sample)
+
+    add_eval_parser(sub)
 
     from .bench import samplers as bench_samplers
 

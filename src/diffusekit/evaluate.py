@@ -16,6 +16,8 @@ Which metric fits which data:
 The sweep draws fewer images (n/4 by default) at a few NFE budgets per sampler and charts the main
 metric against NFE, so the user can choose a sampler and a step count. FD is biased upwards at
 small n, so sweep values compare with each other, not with the main evaluation's value.
+
+`--likelihood` adds bits/dim (DDPM's variational bound, `metrics.likelihood`) of training images.
 """
 
 from __future__ import annotations
@@ -93,9 +95,7 @@ class Request:
 def make_request(model, task: Task, n: int) -> Request:
     if model.conditioning_kind == "class":
         return Request(n, labels=torch.arange(n) % model.config["data"]["num_classes"])
-    if model.conditioning_kind == "text":
-        if task.kind != "shapes":
-            return Request(n, prompts=[""] * n)  # captioned data other than shapes: unconditional
+    if task.kind == "shapes":
         from .data import ShapesDataset
 
         size, seen = model.config["data"]["resolution"], (n + 1) // 2
@@ -212,7 +212,8 @@ def run_sweep(model, scorer: Scorer, samplers: list[str], nfes: list[int], n: in
     points, notes = [], []
     request = make_request(model, scorer.task, n)
     plan = [(s, b, steps_for_nfe(s, b)) for s in samplers for b in nfes]
-    for sampler, budget, steps in tqdm(plan, desc="sweep", unit="run", disable=not (progress and plan), dynamic_ncols=True):
+    for sampler, budget, steps in tqdm(plan, desc="sweep", unit="run", disable=not (progress and plan),
+                                       dynamic_ncols=True):
         if steps is None:
             notes.append(f"sweep: {sampler} needs more than {budget} evaluations for one step; skipped")
             continue
@@ -471,7 +472,8 @@ PIXEL_ROWS = (
     ("recall", "recall", "higher", True, "real images inside the samples' manifold (coverage)"),
 )
 ATTRIBUTE_HELP = {"shape": "shape", "colour": "colour", "size": "small / large", "position": "place or relation",
-                  "count": "number of shapes", "all": "every attribute right"}
+                  "count": "number of shapes", "shape_colour": "shape and colour together (what held-out pairs test)",
+                  "all": "every attribute right"}
 
 
 def _metrics_table(result: dict) -> str:
@@ -479,11 +481,15 @@ def _metrics_table(result: dict) -> str:
     if result["evaluation"] == "shapes":
         head = "<tr><th>attribute</th><th class=num>seen prompts</th><th class=num>held-out prompts</th>" \
                "<th class=num>all</th><th>checks</th></tr>"
+        from .metrics.shapes import ATTRIBUTES
+
         rows = []
-        for name, meaning in ATTRIBUTE_HELP.items():
+        for name in ATTRIBUTES:
+            meaning = ATTRIBUTE_HELP.get(name, "")
             cls = " class=main" if name == "all" else ""
             cells = "".join(f"<td class=num>{metrics[part][name]:.1%}</td>" for part in ("seen", "heldout", "overall"))
-            rows.append(f"<tr{cls}><td>{name}</td>{cells}<td class=dim>{meaning}</td></tr>")
+            rows.append(f"<tr{cls}><td>{html.escape(name.replace('_', ' & '))}</td>{cells}"
+                        f"<td class=dim>{meaning}</td></tr>")
         counts = "".join(f"<td class=num>{metrics[part]['n']:,}</td>" for part in ("seen", "heldout", "overall"))
         rows.append(f"<tr><td>images</td>{counts}<td></td></tr>")
         return f"<table>{head}{''.join(rows)}</table>"
@@ -562,8 +568,10 @@ def _sweep_section(result: dict) -> str:
                f"{_value(result, best['value'])}.</b> ") if best else "<p>"
     summary += (f"Each point is {n:,} images with seed {result['settings']['seed']} and "
                 f"{html.escape(result['settings']['spacing'])} spacing; {better} is better. "
-                + ("FD grows as n shrinks, so compare these points with each other, not with the value above."
-                   if not shapes else "") + "</p>")
+                + ("FD grows as n shrinks, so compare these points with each other, not with the value above. "
+                   if not shapes else "")
+                + ("With guidance each evaluation runs the network on the conditional and unconditional inputs "
+                   "together." if result["guided"] else "") + "</p>")
     return f"{summary}<div class=cols><div>{chart}</div><table>{head}{''.join(rows)}</table></div>"
 
 

@@ -36,7 +36,7 @@ MIN_AREA = 0.004  # of the image area; the smallest real shape covers about 0.01
 MAX_SHAPES = 6  # components beyond the largest few are clutter; they still count
 BLURS = (0.0, 0.5, 0.8, 1.1)  # Gaussian blurs (pixels) the shape fit tries
 MARGIN = 3  # pixels of context around a component's box, room for blurred edges
-ATTRIBUTES = ("shape", "colour", "size", "position", "count", "all")
+ATTRIBUTES = ("shape", "colour", "size", "position", "count", "shape_colour", "all")
 _COLOURS = list(PALETTE)
 _PALETTE = np.array([PALETTE[c] for c in _COLOURS])
 # Candidate placements around the first estimate: centre shifts (pixels), diameter factors.
@@ -237,12 +237,14 @@ def _agreement(want: Scene, got: Scene) -> dict[str, bool]:
         best = dict.fromkeys(("shape", "colour", "size", "position"), False)
     best["count"] = len(got.shapes) == n
     best["all"] = all(best.values())
+    best["shape_colour"] = best["shape"] and best["colour"]  # every shape drawn in the asked colour
     return best
 
 
 def prompt_adherence(images, prompts) -> dict[str, float]:
     """Fraction of images whose read attributes match their prompt: per attribute (shape, colour,
-    size, position — the relation for two shapes —, count) and all together; plus `n`.
+    size, position — the relation for two shapes —, count), shape and colour together, and all
+    together; plus `n`.
 
     `prompts` are captions (parsed with `parse_caption`) or Scenes; attributes a prompt leaves
     unspecified always match. Two-shape prompts are matched to the detected shapes both ways round."""
