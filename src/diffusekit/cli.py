@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a diffusion model (default: on the embedded digits)")
     p.add_argument("--data", help=f"{', '.join(DATASETS)} or a folder of images (default digits)")
     p.add_argument("--out", help="run folder (default runs/<data>)")
-    p.add_argument("--preset", choices=list(PRESETS), help="U-Net size (default digits)")
+    p.add_argument("--preset", choices=list(PRESETS), help="U-Net size (default: digits, mnist or shapes to fit the data; digits for folders)")
     p.add_argument("--resolution", type=int, help="image side (default: the data's own; 32 for folders)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="grey (1) or RGB (3) for image folders")
     p.add_argument("--steps", type=int, help="optimizer steps to train for")
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--dropout", type=float)
     p.add_argument("--schedule", help="noise schedule (default cosine; linear, scaled_linear, sigmoid)")
-    p.add_argument("--prediction", help="eps, v or x0")
+    p.add_argument("--prediction", help="v (default), eps or x0")
     p.add_argument("--class-conditional", action="store_true", default=None,
                    help="condition on the data's labels (with label dropout for guidance)")
     p.add_argument("--text-encoder", help="condition on captions: minilm (packaged) or clip:PATH")

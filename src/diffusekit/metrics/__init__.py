@@ -6,6 +6,7 @@
 
 from .classifier import DIGIT_DATASETS, DigitClassifier, load_classifier, make_junk
 from .digits import digit_features, digit_metrics
+from .likelihood import BitsPerDim, ODELikelihood, VLB, bits_per_dim, dequantize, ode_log_likelihood, vlb
 from .frechet import (
     frechet_distance,
     frechet_distance_from_stats,
@@ -15,6 +16,13 @@ from .frechet import (
 )
 
 __all__ = [
+    "BitsPerDim",
+    "ODELikelihood",
+    "VLB",
+    "bits_per_dim",
+    "dequantize",
+    "ode_log_likelihood",
+    "vlb",
     "DIGIT_DATASETS",
     "DigitClassifier",
     "digit_features",

@@ -17,8 +17,9 @@ Image conventions. Pixels are `num_levels` evenly spaced levels in [-1, 1] (256 
 is -1 + 2k/255, what `images.py` and the datasets produce). Each level owns a bin of width
 2 / (num_levels - 1) centred on it; the outer bins reach -inf and +inf. These are the bins of DDPM's
 discretised decoder (eq. 13), so both methods measure the same thing: -log2 P(bin) per dimension.
-For the ODE the pixels are dequantised uniformly inside their bins, x = level + U(-1, 1) / 255;
-Jensen gives -log P(bin) <= E[-log p(x)] - D log(2/255), so
+For the ODE the pixels are dequantised uniformly inside their bins, x = level + U(-1, 1) / 255
+(the outer bins stop at +-(1 + 1/255) here, which can only loosen the bound); Jensen gives
+-log P(bin) <= E[-log p(x)] - D log(2/255), so
 
     bits/dim = (-log p(x) / D + log(127.5)) / log(2)        (an upper bound in expectation).
 
@@ -245,8 +246,15 @@ def vlb(
     T - 1 KL terms (T denoiser calls); an integer K draws K steps per sample uniformly from 1..T-1
     (with replacement; K + 1 calls) and scales their mean by T - 1: unbiased, with a standard error.
     The prior and decoder terms are always exact: the decoder term is by far the largest single term,
-    and sampling it would swamp the estimate. `cond` goes to the denoiser; noise and steps come from
+    and sampling it would swamp the estimate. Even so, uniform steps are a noisy estimator, because
+    the few steps nearest the data carry most of the sum (1-D oracle data, K = 40: a standard error
+    of about 6 nats on a bound of 1.4). `cond` goes to the denoiser; noise and steps come from
     `generator`.
+
+    Which variance: for data that is smooth at the scale of sigma_1 (continuous data, or pixels whose
+    density varies slowly across a bin) the true reverse variance near the data is about beta_t, so
+    `beta` gives the tighter bound. With the exact oracle model and T = 1000, `beta` came within 0.5 %
+    of the true NLL and `posterior` 0.4-0.55 nats per dimension above it.
     """
     schedule = _discrete_schedule(denoiser, schedule)
     x0 = _check_batch(x0, "x0")
