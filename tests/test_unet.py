@@ -100,6 +100,22 @@ def test_patch_size_is_a_pixel_unshuffle_around_the_same_network():
         patched(torch.zeros(1, 3, 6, 6), torch.zeros(1), concat=torch.zeros(1, 1, 6, 6))
 
 
+def test_pooled_text_vector_enters_through_the_time_embedding():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(in_channels=1, image_size=8, block_out_channels=(32, 64), attention_resolutions=(4,),
+                          attention_type="transformer", context_dim=6, pooled_context_dim=5))
+    with torch.no_grad():
+        net.conv_out.weight.normal_()
+    x, t, ctx = torch.randn(2, 1, 8, 8), torch.tensor([5.0, 500.0]), torch.randn(2, 3, 6)
+    a = net(x, t, context=ctx, context_pooled=torch.zeros(2, 5))
+    b = net(x, t, context=ctx, context_pooled=torch.ones(2, 5))
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="context_pooled"):
+        net(x, t, context=ctx)
+    with pytest.raises(ValueError, match="no pooled"):
+        UNet(preset("digits"))(x, t, context_pooled=torch.zeros(2, 5))
+
+
 def test_bad_inputs():
     net = UNet(preset("digits"))
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):

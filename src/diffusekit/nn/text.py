@@ -32,9 +32,13 @@ class TextEmbedding:
     mask: Tensor  # [B, L] bool, True on real tokens
     pooled: Tensor  # [B, D] one vector per prompt
 
-    def cond(self) -> dict:
-        """The conditioning keywords the denoiser passes to the network."""
-        return {"context": self.states, "context_mask": self.mask}
+    def cond(self, pooled: bool = False) -> dict:
+        """The conditioning keywords the denoiser passes to the network (with the pooled vector for
+        U-Nets that take one: `pooled_context_dim`)."""
+        out = {"context": self.states, "context_mask": self.mask}
+        if pooled:
+            out["context_pooled"] = self.pooled
+        return out
 
 
 def _pad_stack(rows: list[Tensor]) -> tuple[Tensor, Tensor]:

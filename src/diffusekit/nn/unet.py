@@ -37,6 +37,7 @@ class UNetConfig:
     head_dim: int | None = 32  # ... or channels per head (SD 2.x: 64); exactly one of the two
     transformer_depth: int = 1
     context_dim: int | None = None  # text hidden size for cross-attention
+    pooled_context_dim: int | None = None  # a pooled text vector added to the time embedding (as SDXL does)
     use_linear_projection: bool = False  # SD 2.x projects in/out of transformers with Linear, 1.x with 1x1 conv
     num_classes: int | None = None  # class embedding (index num_classes = "no class", for guidance)
     concat_channels: int = 0  # extra input channels (super-resolution, inpainting masks)
@@ -80,6 +81,8 @@ class UNetConfig:
             fail("attention_type", f"{self.attention_type!r} is not 'self' or 'transformer'")
         if self.context_dim is not None and self.attention_type != "transformer":
             fail("context_dim", "cross-attention needs attention_type='transformer'")
+        if self.pooled_context_dim is not None and self.pooled_context_dim < 1:
+            fail("pooled_context_dim", "must be >= 1")
         if (self.num_heads is None) == (self.head_dim is None):
             fail("num_heads", "set exactly one of num_heads and head_dim")
         for i, c in enumerate(self.block_out_channels):
@@ -375,7 +378,7 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """`unet(x, t, class_labels=None, context=None, context_mask=None, concat=None) -> Tensor` of
+    """`unet(x, t, class_labels=None, context=None, context_mask=None, concat=None, context_pooled=None)` -> a tensor of
     x's shape (out_channels). `t` is the per-sample noise conditioning (a fractional timestep for
     discrete models, log(sigma) / 4 for continuous ones)."""
 
@@ -388,6 +391,8 @@ class UNet(nn.Module):
         patch_area = cfg.patch_size**2
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes else None
+        # the whole prompt in every ResBlock from the first step on; cross-attention adds where and which
+        self.add_embedding = TimestepEmbedding(cfg.pooled_context_dim, temb_dim) if cfg.pooled_context_dim else None
         self.conv_in = nn.Conv2d((cfg.in_channels + cfg.concat_channels) * patch_area, ch[0], 3, padding=1)
 
         def resampler(c: int, up: bool) -> nn.Module:
@@ -435,7 +440,8 @@ class UNet(nn.Module):
         return module(*args)
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, concat: Tensor | None = None) -> Tensor:
+                context_mask: Tensor | None = None, concat: Tensor | None = None,
+                context_pooled: Tensor | None = None) -> Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected x of shape [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
@@ -452,6 +458,13 @@ class UNet(nn.Module):
             temb = temb + self.class_embedding(class_labels)
         elif class_labels is not None:
             raise ValueError("this U-Net has no class embedding (num_classes is not set); drop class_labels")
+        if self.add_embedding is not None:
+            if context_pooled is None or context_pooled.shape != (x.shape[0], cfg.pooled_context_dim):
+                got = None if context_pooled is None else tuple(context_pooled.shape)
+                raise ValueError(f"this U-Net needs context_pooled=[B, {cfg.pooled_context_dim}], got {got}")
+            temb = temb + self.add_embedding(context_pooled.to(temb.dtype))
+        elif context_pooled is not None:
+            raise ValueError("this U-Net takes no pooled text vector (pooled_context_dim is not set)")
         if cfg.concat_channels:
             if concat is None or concat.shape[1] != cfg.concat_channels or concat.shape[-2:] != x.shape[-2:]:
                 got = None if concat is None else tuple(concat.shape)

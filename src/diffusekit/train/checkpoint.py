@@ -185,8 +185,9 @@ class Model:
         if not prompts:
             raise ValueError("no prompts given")
         prompts = [prompts[i % len(prompts)] for i in range(n)]
-        cond = self.text_encoder(prompts).cond()
-        uncond = self.text_encoder([negative_prompt or ""]).cond()
+        pooled = self.network.config.pooled_context_dim is not None
+        cond = self.text_encoder(prompts).cond(pooled)
+        uncond = self.text_encoder([negative_prompt or ""]).cond(pooled)
         return ({k: v.to(device) for k, v in cond.items()}, {k: v.to(device) for k, v in uncond.items()})
 
 

@@ -185,7 +185,7 @@ def _model_config(cfg: TrainConfig, data, text_dim: int | None) -> dict:
     if cfg.class_conditional:
         overrides["num_classes"] = data.num_classes
     if text_dim is not None:
-        overrides.update(attention_type="transformer", context_dim=text_dim)
+        overrides.update(attention_type="transformer", context_dim=text_dim, pooled_context_dim=text_dim)
     return preset(cfg.preset or DATA_PRESETS.get(cfg.data, "digits"), **overrides).to_dict()
 
 
@@ -356,7 +356,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                     cond["class_labels"] = torch.where(drop, data.num_classes, labels).to(device)
                 else:
                     captions = ["" if d else c for d, c in zip(drop.tolist(), data.captions(idx[mine]))]
-                    cond.update(text_encoder(captions).cond())
+                    cond.update(text_encoder(captions).cond(pooled=True))
 
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             for group in optimizer.param_groups:
@@ -442,7 +442,7 @@ def preview_conditioning(cfg: TrainConfig, data, text_encoder, device) -> dict:
                 "guidance": cfg.sample_guidance}
     if text_encoder is not None:
         captions = data.captions(torch.arange(n))
-        return {"cond": text_encoder(captions).cond(), "uncond": text_encoder([""]).cond(),
+        return {"cond": text_encoder(captions).cond(pooled=True), "uncond": text_encoder([""]).cond(pooled=True),
                 "guidance": cfg.sample_guidance}
     return {}
 
