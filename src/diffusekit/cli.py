@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .evaluate import add_eval_parser
+from .pipelines.edit import add_edit_parsers
 from .schedules import SCHEDULE_NAMES, BETA_SCHEDULES, NoiseSchedule
 
 
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", help="v (default), eps or x0")
     p.add_argument("--class-conditional", action="store_true", default=None,
                    help="condition on the data's labels (with label dropout for guidance)")
-    p.add_argument("--text-encoder", help="condition on captions: minilm (packaged) or clip:PATH")
+    p.add_argument("--text-encoder", help="condition on captions: minilm (packaged, frozen), learned (trained jointly) or clip:PATH")
     p.add_argument("--cond-dropout", type=float, help="how often labels/captions are dropped (default 0.1)")
     p.add_argument("--sample-guidance", type=float, help="guidance scale of the preview grids (default 3)")
     p.add_argument("--weighting", help="uniform or min_snr")
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_sample)
 
     add_eval_parser(sub)
+    add_edit_parsers(sub)
 
     from .bench import samplers as bench_samplers
 

@@ -198,11 +198,14 @@ def load(path, device="cpu") -> Model:
     if config.get("model", {}).get("type") != "unet":
         raise ValueError(f"{folder}: unknown model type {config.get('model', {}).get('type')!r}")
     network = UNet(UNetConfig.from_dict(config["model"]["config"]))
-    load_state_strict(network, read_weights(folder / "model.safetensors"), folder / "model.safetensors")
-    network.to(device).eval().requires_grad_(False)
     text_encoder = None
     if config.get("text_encoder"):
-        from ..nn.text import build_text_encoder
+        from ..nn.text import LearnedEncoder, build_text_encoder
 
-        text_encoder = build_text_encoder(config["text_encoder"]).to(device)
+        text_encoder = build_text_encoder(config["text_encoder"])
+        if isinstance(text_encoder, LearnedEncoder):  # trained with the U-Net, saved as text_encoder.*
+            network.add_module("text_encoder", text_encoder)
+        text_encoder.to(device).eval()
+    load_state_strict(network, read_weights(folder / "model.safetensors"), folder / "model.safetensors")
+    network.to(device).eval().requires_grad_(False)
     return Model(network, schedule_from_config(config["schedule"]), config["prediction"], config, folder, text_encoder)

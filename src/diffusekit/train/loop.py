@@ -28,7 +28,7 @@ from ..data import load_dataset
 from ..denoiser import Denoiser
 from ..forward import WEIGHTINGS, loss as diffusion_loss, sample_training_sigmas
 from ..images import image_grid, line_plot, save_image
-from ..nn.text import build_text_encoder
+from ..nn.text import LearnedEncoder, build_text_encoder
 from ..nn.unet import PRESETS, UNet, UNetConfig, preset
 from ..pipelines.generate import generate
 from ..schedules import BETA_SCHEDULES, NoiseSchedule
@@ -51,7 +51,7 @@ class TrainConfig:
     num_train_steps: int = 1000  # T
     prediction: str = "v"  # bounded x0 errors at high noise (eps errors grow with sigma); eps and x0 also work
     class_conditional: bool = False  # condition on the data's labels (classifier-free guidance ready)
-    text_encoder: str | None = None  # condition on captions through cross-attention: minilm | clip:PATH
+    text_encoder: str | None = None  # condition on captions through cross-attention: minilm | learned | clip:PATH
     cond_dropout: float = 0.1  # labels/captions dropped to "unconditional" this often (for guidance)
     sample_guidance: float = 3.0  # guidance scale of the preview grids of conditional runs
     weighting: str = "min_snr"  # min-SNR-5 converges faster than L_simple (Hang et al. 2023)
@@ -195,8 +195,6 @@ def text_encoder_spec(name: str | None) -> dict | None:
         return None
     if name.startswith("clip:"):
         return {"name": "clip", "path": name[len("clip:"):]}
-    if name == "learned":
-        raise ValueError("--text-encoder learned is not supported by the trainer yet; use minilm")
     return {"name": name}
 
 
@@ -261,6 +259,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     ckpt_config = _checkpoint_config(cfg, model_config, data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = UNet(UNetConfig.from_dict(model_config)).to(device)
+    if isinstance(text_encoder, LearnedEncoder):
+        # trained jointly: as a submodule it is optimised, averaged (EMA), synced (DDP) and saved
+        # (text_encoder.* in model.safetensors) with the U-Net, whose forward never touches it
+        net.add_module("text_encoder", text_encoder)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_train_steps)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
@@ -305,11 +307,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         if ddp.world > 1:
             dist.barrier()
 
-    preview = preview_conditioning(cfg, data, text_encoder, device)
-
     def samples(step: int) -> None:
         if not ddp.main:
             return
+        with torch.no_grad():
+            preview = preview_conditioning(cfg, data, getattr(ema, "text_encoder", text_encoder), device)
         x = generate(Denoiser(ema, schedule, cfg.prediction), schedule, (data.channels, data.resolution, data.resolution),
                      cfg.num_samples, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps, device=device,
                      clip=(-1.0, 1.0), **preview)
