@@ -106,3 +106,25 @@ def test_text_conditional_run_trains_saves_and_samples(encoder, tmp_path, capsys
     capsys.readouterr()
     assert main(["sample", str(run), "--n", "2", "--steps", "2", "--class", "3", "-o", str(tmp_path / "x.png")]) == 2
     assert "give a prompt" in capsys.readouterr().err
+
+
+def test_learned_text_encoder_with_gradient_accumulation_and_seeded_init(tmp_path):
+    runs = [train(TrainConfig(data="shapes", resolution=16, text_encoder="learned", out=str(tmp_path / name),
+                              steps=2, grad_accum=2, seed=seed, **{**FAST, "batch_size": 8}), progress=False)
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    a, b, c = (load(r).text_encoder.embed.weight for r in runs)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # the encoder's start follows --seed ...
+    assert not torch.equal(a, c)  # ... and only --seed
+
+
+def test_old_run_configs_without_new_fields_still_resume(tmp_path):
+    import json
+
+    run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
+    folder = run / (run / "latest").read_text().strip()
+    config = json.loads((folder / "config.json").read_text())
+    for field in ("patch_size", "pooled_context_dim"):  # fields added after the first checkpoints were written
+        config["model"]["config"].pop(field)
+    (folder / "config.json").write_text(json.dumps(config))
+    train(TrainConfig(out=str(run), steps=3, **FAST), resume=True, progress=False)
+    assert (run / "latest").read_text().strip().endswith("step-00000003")

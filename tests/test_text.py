@@ -40,6 +40,15 @@ def test_minilm_embedding_does_not_depend_on_the_batch(minilm):
     assert together.mask[1].sum() == n and not together.mask[1, n:].any()
     torch.testing.assert_close(together.states[1, :n], alone.states[0, :n], atol=0, rtol=0)
     assert together.states[1, n:].abs().max() == 0  # padding is zeros, masked out
+    # prompts of the same length are encoded together: still bit-identical to one at a time
+    pair = ["a small red circle on the left", "a large blue square on the right"]
+    minilm._cache.clear()
+    both = minilm(pair)
+    minilm._cache.clear()
+    one = [minilm([p]) for p in pair]
+    assert both.mask.all() and all(o.states.shape[1] == both.states.shape[1] for o in one)
+    for i in range(2):
+        assert torch.equal(both.states[i], one[i].states[0]) and torch.equal(both.pooled[i], one[i].pooled[0])
 
 
 def test_minilm_truncates_long_prompts_with_a_warning(minilm, caplog):

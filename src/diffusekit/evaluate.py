@@ -376,7 +376,8 @@ def likelihood(model, n: int, timesteps: int | None, *, seed: int, device, progr
         if model.conditioning_kind == "class":
             cond = {"class_labels": labels.to(device)}
         elif model.conditioning_kind == "text":
-            cond = {k: v.to(device) for k, v in model.text_encoder(real.captions(rows)).cond().items()}
+            pooled = model.network.config.pooled_context_dim is not None
+            cond = {k: v.to(device) for k, v in model.text_encoder(real.captions(rows)).cond(pooled).items()}
         out = bits_per_dim(model, x.to(device), "vlb", num_levels=levels, cond=cond, generator=g,
                            num_timesteps=timesteps, progress=progress)
         values.append(out.bpd.double().cpu())

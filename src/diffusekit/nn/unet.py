@@ -462,7 +462,10 @@ class UNet(nn.Module):
             if context_pooled is None or context_pooled.shape != (x.shape[0], cfg.pooled_context_dim):
                 got = None if context_pooled is None else tuple(context_pooled.shape)
                 raise ValueError(f"this U-Net needs context_pooled=[B, {cfg.pooled_context_dim}], got {got}")
-            temb = temb + self.add_embedding(context_pooled.to(temb.dtype))
+            # normalised first: sentence encoders give unit-norm vectors (elements ~ 1/sqrt(D)), far
+            # below the scale the embedding MLP learns quickly from
+            pooled = F.layer_norm(context_pooled.to(temb.dtype), (cfg.pooled_context_dim,))
+            temb = temb + self.add_embedding(pooled)
         elif context_pooled is not None:
             raise ValueError("this U-Net takes no pooled text vector (pooled_context_dim is not set)")
         if cfg.concat_channels:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -194,13 +195,16 @@ def text_encoder_spec(name: str | None) -> dict | None:
     if name is None:
         return None
     if name.startswith("clip:"):
-        return {"name": "clip", "path": name[len("clip:"):]}
+        return {"name": "clip", "path": str(Path(name[len("clip:"):]).resolve())}
+    if name == "learned":  # its full shape, so a checkpoint survives changes of the defaults
+        defaults = inspect.signature(LearnedEncoder).parameters
+        return {"name": "learned", **{k: p.default for k, p in defaults.items()}}
     return {"name": name}
 
 
 def _check_conditioning(cfg: TrainConfig, data) -> None:
     if cfg.class_conditional and not data.num_classes:
-        raise ValueError(f"--class-conditional needs labelled data (digits, mnist, shapes); {data.name} has no labels")
+        raise ValueError(f"--class-conditional needs labelled data (digits, mnist); {data.name} has no labels")
     if cfg.text_encoder and not hasattr(data, "captions"):
         raise ValueError(f"--text-encoder needs captioned data (shapes); {data.name} has no captions")
 
@@ -248,13 +252,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     ddp, device = init_distributed(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
-    _prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     if cfg.batch_size % (ddp.world * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by processes x grad-accum = {ddp.world * cfg.grad_accum}")
 
+    # every setting is checked before --overwrite clears anything
     data = load_dataset(cfg.data, cfg.resolution, cfg.channels)
     _check_conditioning(cfg, data)
-    text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device) if cfg.text_encoder else None
+    text_encoder = None
+    if cfg.text_encoder:
+        with torch.random.fork_rng():  # a learned encoder's initial weights follow --seed; other streams are untouched
+            torch.manual_seed(cfg.seed)
+            text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device)
+    _prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     model_config = _model_config(cfg, data, text_encoder.dim if text_encoder is not None else None)
     ckpt_config = _checkpoint_config(cfg, model_config, data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -271,7 +280,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if resume:
         folder = resolve_checkpoint(run_dir)
         saved = read_config(folder)
-        if saved["model"]["config"] != model_config:
+        if UNetConfig.from_dict(saved["model"]["config"]).to_dict() != model_config:  # older configs lack new fields
             raise ValueError(f"{folder} holds a different model than these settings; resume with the run's own settings")
         state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
         load_state_strict(net, state["model"], folder / "train_state.pt")
@@ -351,14 +360,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             if cfg.flip:
                 x0 = torch.where(flips[mine, None, None, None], x0.flip(-1), x0)
             x0, sigma, noise = x0.to(device), sigma[mine].to(device), noise[mine].to(device)
-            cond = {}
+            class_labels = captions = None
             if cfg.class_conditional or text_encoder is not None:  # drawn only then: unconditional runs keep their streams
                 drop = (torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout)[mine]
                 if cfg.class_conditional:
-                    cond["class_labels"] = torch.where(drop, data.num_classes, labels).to(device)
+                    class_labels = torch.where(drop, data.num_classes, labels).to(device)
                 else:
                     captions = ["" if d else c for d, c in zip(drop.tolist(), data.captions(idx[mine]))]
-                    cond.update(text_encoder(captions).cond(pooled=True))
+
+            def micro_cond(part: slice) -> dict:
+                # a learned encoder runs per micro-batch: each backward needs its own graph
+                if class_labels is not None:
+                    return {"class_labels": class_labels[part]}
+                return text_encoder(captions[part]).cond(pooled=True) if captions is not None else {}
 
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             for group in optimizer.param_groups:
@@ -371,7 +385,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
                         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                     value = diffusion_loss(denoiser, x0[part], sigma=sigma[part], noise=noise[part],
                                            weighting=cfg.weighting, min_snr_gamma=cfg.min_snr_gamma,
-                                           **{k: v[part] for k, v in cond.items()})
+                                           **micro_cond(part))
                     value = value / cfg.grad_accum
                 (scaler.scale(value) if scaler else value).backward()
                 total_loss += value.item()
