@@ -107,9 +107,12 @@ def test_pooled_text_vector_enters_through_the_time_embedding():
     with torch.no_grad():
         net.conv_out.weight.normal_()
     x, t, ctx = torch.randn(2, 1, 8, 8), torch.tensor([5.0, 500.0]), torch.randn(2, 3, 6)
-    a = net(x, t, context=ctx, context_pooled=torch.zeros(2, 5))
-    b = net(x, t, context=ctx, context_pooled=torch.ones(2, 5))
+    p = torch.randn(2, 5)
+    a = net(x, t, context=ctx, context_pooled=p)
+    b = net(x, t, context=ctx, context_pooled=torch.randn(2, 5))
     assert (a - b).abs().max() > 1e-4
+    # layer-normalised on the way in: only the direction and spread of the vector matter
+    torch.testing.assert_close(net(x, t, context=ctx, context_pooled=3 * p + 1), a, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="context_pooled"):
         net(x, t, context=ctx)
     with pytest.raises(ValueError, match="no pooled"):
