@@ -46,3 +46,14 @@ def atomic_path(path: str | os.PathLike):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def dataclass_from_dict(cls, d: dict, what: str):
+    """A config dataclass from its JSON dict, refusing fields it does not know (a checkpoint of
+    another model or version should fail loudly, not half-load)."""
+    from dataclasses import fields
+
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} config fields: {', '.join(sorted(unknown))}")
+    return cls(**d)

@@ -343,7 +343,7 @@ def evaluate(run_dir, *, n: int = 1000, sampler: str = "dpmpp_2m", steps: int = 
     # Everything is computed: render, then write (eval.json last, as the mark of a finished evaluation).
     grid = sample_grid(images, request, model)
     report = render_report(result, grid, gallery(images, request) if task.kind == "shapes" else [],
-                           read_log(run_dir / "log.jsonl"))
+                           loss_curve(run_dir / "log.jsonl"))
     save_image(grid, out / "samples.png")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(report, encoding="utf-8")
@@ -404,18 +404,11 @@ def _json_safe(value):
     return value
 
 
-def read_log(path: Path) -> list[tuple[float, float]]:
-    """(step, loss) pairs of a run's log.jsonl; lines cut by a crash are skipped."""
-    if not path.is_file():
-        return []
-    pairs = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            pairs.append((float(record["step"]), float(record["loss"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-    return pairs
+def loss_curve(path: Path) -> list[tuple[float, float]]:
+    """(step, loss) pairs of a run's log.jsonl."""
+    from .train.loop import read_log
+
+    return [(float(r["step"]), float(r["loss"])) for r in read_log(path) if "step" in r and "loss" in r]
 
 
 # -- the report -----------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     denoiser = Denoiser(model, schedule, cfg.prediction)
 
     log_path = run_dir / "log.jsonl"
-    history = _read_log(log_path, upto=start_step)
+    history = read_log(log_path, upto=start_step)
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _rewrite_log(log_path, history)
@@ -463,7 +463,8 @@ def preview_conditioning(cfg: TrainConfig, data, text_encoder, device) -> dict:
     return {}
 
 
-def _read_log(path: Path, upto: int) -> list[dict]:
+def read_log(path: Path, upto: float = math.inf) -> list[dict]:
+    """The records of a run's log.jsonl up to step `upto`; a line cut by a crash is skipped."""
     if not path.exists():
         return []
     records = []
