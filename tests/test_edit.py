@@ -167,7 +167,7 @@ def test_img2img_starts_where_strength_enters_the_schedule(steps, strength, skip
     spy = Spy(mixture.denoiser)
     img2img(spy, SCHED, image, strength=strength, sampler="euler", steps=steps, seed=9)
     full = SCHED.get_sigmas(steps, "karras")
-    assert torch.equal(img2img_sigmas(SCHED, steps, strength), full[skipped:])
+    assert torch.equal(img2img_sigmas(full, strength), full[skipped:])
     assert [s for s, _ in spy.calls] == pytest.approx(full[skipped:-1].tolist(), rel=1e-6)
     if skipped:  # the exact forward sample x0 + sigma eps, from the seed's start stream
         start = image + float(full[skipped]) * randn_like(image, seeded_generators(9, 3))

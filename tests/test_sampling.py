@@ -5,7 +5,7 @@ import torch
 
 from diffusekit import SAMPLERS, Denoiser, GaussianMixture, NoiseSchedule, sample, seeded_generators
 from diffusekit.forward import q_posterior
-from diffusekit.sampling import initial_noise
+from diffusekit.sampling import get_sampler, initial_noise
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -234,8 +234,8 @@ def test_sampler_bad_inputs(mixture_2d):
     x = torch.randn(4, 2)
     with pytest.raises(ValueError, match="ddim, ddpm"):
         sample(mixture_2d.denoiser, x, torch.tensor([1.0, 0.0]), "euler_magic")
-    with pytest.raises(ValueError, match="end in 0"):
-        sample(mixture_2d.denoiser, x, torch.tensor([2.0, 1.0]), "ddim")
+    with pytest.raises(ValueError, match="end in 0"):  # the sampler functions themselves run to 0
+        get_sampler("ddim").fn(mixture_2d.denoiser, x, torch.tensor([2.0, 1.0]))
     with pytest.raises(ValueError, match="descending"):
         sample(mixture_2d.denoiser, x, torch.tensor([1.0, 2.0, 0.0]), "ddim")
     with pytest.raises(ValueError, match="1-D"):
@@ -250,3 +250,24 @@ def test_sampler_bad_inputs(mixture_2d):
         sample(mixture_2d.denoiser, x, torch.tensor([1.0, 0.5, 0.0]), "ddpm", generator=seeded_generators(0, 3))
     with pytest.raises(TypeError):
         sample(mixture_2d.denoiser, x, torch.tensor([1.0, 0.0]), "ddim", etta=0.5)  # a typo is not swallowed
+
+
+@pytest.mark.parametrize("method", ["ddim", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "dpmpp_sde"])
+def test_a_run_ending_above_zero_stops_there(mixture_2d, method):
+    """sigmas ending at s > 0: the state at s of the longer run, from exactly the same steps and
+    noise, with no model evaluation spent on the step to 0."""
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(1)) * 8
+    states = []
+    sample(mixture_2d.denoiser, x, sigmas, method, generator=torch.Generator().manual_seed(2),
+           callback=lambda step: states.append((step["sigma_next"], step["x"])))
+    calls = []
+
+    def counting(x, sigma, **cond):
+        calls.append(1)
+        return mixture_2d.denoiser(x, sigma, **cond)
+
+    partial = sample(counting, x, sigmas[:4], method, generator=torch.Generator().manual_seed(2))
+    expected = [state for level, state in states if level == 1.0][-1]
+    torch.testing.assert_close(partial, expected, rtol=0, atol=0)
+    assert len(calls) == {"heun": 6, "dpmpp_sde": 6}.get(method, 3)  # three steps, two evaluations each for 2nd order

@@ -16,6 +16,17 @@ from .schedules import SCHEDULE_NAMES, SPACINGS, NoiseSchedule, abar_to_sigma, l
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name: str):
+    # imported on first use: the Stable Diffusion pipeline pulls in transformers
+    if name == "StableDiffusion":
+        from .pipelines.stable_diffusion import StableDiffusion
+
+        return StableDiffusion
+    raise AttributeError(f"module 'diffusekit' has no attribute {name!r}")
+
+
 __all__ = [
     "Denoiser",
     "GaussianMixture",
@@ -24,6 +35,7 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULE_NAMES",
     "SPACINGS",
+    "StableDiffusion",
     "abar_to_sigma",
     "initial_noise",
     "log_snr",

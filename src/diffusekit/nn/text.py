@@ -145,6 +145,11 @@ class MiniLMEncoder(_FrozenEncoder):
         return out
 
 
+def check_tokenizer_folder(path: Path) -> None:
+    if not any((path / f).exists() for f in ("vocab.json", "tokenizer.json")):
+        raise ValueError(f"{path} has neither vocab.json nor tokenizer.json: not a CLIP tokenizer folder")
+
+
 class CLIPEncoder(_FrozenEncoder):
     """A CLIP text model from a local folder (a diffusers pipeline folder with `text_encoder/` and
     `tokenizer/`, or one folder holding both). Stable Diffusion conditions on all 77 positions,
@@ -153,7 +158,12 @@ class CLIPEncoder(_FrozenEncoder):
 
     name = "clip"
 
-    def __init__(self, path, max_length: int | None = None, skip: int = 0):
+    def __init__(self, tokenizer, model, max_length: int | None = None, skip: int = 0):
+        super().__init__(tokenizer, model, max_length or tokenizer.model_max_length, pad_to_max=True)
+        self.skip = int(skip)
+
+    @classmethod
+    def from_folder(cls, path, max_length: int | None = None, skip: int = 0) -> "CLIPEncoder":
         try:
             from transformers import CLIPTextModel, CLIPTokenizer
         except ImportError:
@@ -165,13 +175,11 @@ class CLIPEncoder(_FrozenEncoder):
         tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
         if not (model_dir / "config.json").exists():
             raise ValueError(f"{model_dir} has no config.json: not a CLIP text model folder")
-        if not any((tok_dir / f).exists() for f in ("vocab.json", "tokenizer.json")):
-            raise ValueError(f"{tok_dir} has neither vocab.json nor tokenizer.json: not a CLIP tokenizer folder")
+        check_tokenizer_folder(tok_dir)
         _quiet_transformers()
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
         model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
-        super().__init__(tokenizer, model, max_length or tokenizer.model_max_length, pad_to_max=True)
-        self.skip = int(skip)
+        return cls(tokenizer, model, max_length, skip)
 
     def _encode(self, prompts):
         tokens = self._tokenize(prompts)
@@ -233,7 +241,7 @@ def build_text_encoder(spec: dict | str) -> nn.Module:
     if name == "clip":
         if "path" not in spec:
             raise ValueError("the clip text encoder needs a local folder: {'name': 'clip', 'path': ...}")
-        return CLIPEncoder(**spec)
+        return CLIPEncoder.from_folder(**spec)
     if name == "learned":
         return LearnedEncoder(**spec)
     raise ValueError(f"unknown text encoder {name!r}; valid: {', '.join(TEXT_ENCODERS)}")

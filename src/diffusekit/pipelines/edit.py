@@ -3,7 +3,7 @@
 Both drive any sampler in the registry, unchanged, so every deterministic or stochastic sampler
 works here; neither needs retraining.
 
-Inpainting runs the sampler one noise interval [sigma_i, sigma_i+1] at a time (`sampler_step`) and
+Inpainting runs the sampler one noise interval [sigma_i, sigma_i+1] at a time (`sample` with a sequence ending above 0) and
 after each step pastes the known pixels, forward-noised afresh to the new level (x0 + sigma z), over
 the sample ("replace"; Song et al. 2021, app. I.2). RePaint (Lugmayr et al. 2022) adds resampling:
 after some steps the whole image is noised back up `jump_length` levels (x + sqrt(hi^2 - lo^2) z,
@@ -44,37 +44,6 @@ METHODS = ("repaint", "replace")
 # The three noise streams of a request (the first two as in `generate`, so img2img at strength 1
 # and inpainting with everything masked start exactly where `generate` does).
 _START, _SAMPLER, _PASTE = 0, 1_000_003, 2_000_006
-
-
-class _Reached(Exception):
-    """Raised by `sampler_step`'s callback to stop a sampler once it has reached sigma_next."""
-
-    def __init__(self, x: Tensor):
-        super().__init__()
-        self.x = x
-
-
-def sampler_step(denoiser, x: Tensor, sigma: float, sigma_next: float, method: str, *, generator=None,
-                 cond: dict | None = None, **options) -> Tensor:
-    """One step of the sampler `method` from sigma down to sigma_next (which may be 0).
-
-    The sampler contract wants sigmas ending in 0, so a step to sigma_next > 0 runs the sampler on
-    [sigma, sigma_next, 0] and stops it from its callback when it reports reaching sigma_next: the
-    step to 0 is never evaluated. (dpm_adaptive reports several sub-steps; it stops at the last.)"""
-    if sigma_next == 0:
-        return sample(denoiser, x, torch.tensor([sigma, 0.0], dtype=torch.float64), method,
-                      generator=generator, cond=cond, **options)
-
-    def stop(info: dict) -> None:
-        if info["sigma_next"] <= sigma_next * (1 + 1e-9):
-            raise _Reached(info["x"])
-
-    try:
-        sample(denoiser, x, torch.tensor([sigma, sigma_next, 0.0], dtype=torch.float64), method,
-               generator=generator, callback=stop, cond=cond, **options)
-    except _Reached as reached:
-        return reached.x
-    raise RuntimeError(f"sampler {method!r} did not report reaching sigma={sigma_next} to its callback")
 
 
 def repaint_path(steps: int, jump_length: int, resample: int) -> list[int]:
@@ -132,7 +101,7 @@ def inpaint(denoiser, schedule: NoiseSchedule, image: Tensor, mask: Tensor, *, m
             sampler: str = "ddpm", steps: int = 50, spacing: str = "karras", jump_length: int = 10,
             resample: int = 10, seed: int = 0, batch_size: int = 256, cond: dict | None = None,
             uncond: dict | None = None, guidance: float = 1.0, clip: tuple[float, float] | None = None,
-            progress: bool = False, **options) -> Tensor:
+            progress: bool = False, sigmas: Tensor | None = None, **options) -> Tensor:
     """Fill the pixels where `mask` is 1 so that they fit the rest of `image`; [B, C, ...] like image.
 
     image: [B, C, ...] in the model's data space ([-1, 1] for pixel models). mask: 0/1 (or bool),
@@ -142,7 +111,10 @@ def inpaint(denoiser, schedule: NoiseSchedule, image: Tensor, mask: Tensor, *, m
     with DDPM's sampler, the default here). The sampler takes one step per level walked down:
     `steps` plus jump_length per jump (410 for 50 steps with 10 and 10), each at its single-step
     cost (see the module notes on multistep samplers); `**options` are the sampler's own.
-    Conditioning, guidance and clip work as in `generate`."""
+    Conditioning, guidance and clip work as in `generate`; `sigmas` (a whole sequence) replaces
+    `steps` and `spacing`."""
+    if sigmas is not None:
+        steps = len(sigmas) - 1
     _check_common(image, steps, cond, uncond, guidance, sampler, batch_size)
     if method not in METHODS:
         raise ValueError(f"unknown inpainting method {method!r}; valid: {', '.join(METHODS)}")
@@ -156,7 +128,7 @@ def inpaint(denoiser, schedule: NoiseSchedule, image: Tensor, mask: Tensor, *, m
         raise ValueError("mask must hold only 0 (keep) and 1 (fill); threshold it first, e.g. mask > 0.5")
     fill = mask.to(device=image.device, dtype=torch.bool)
     path = repaint_path(steps, jump_length, resample) if method == "repaint" else list(range(steps + 1))
-    sigmas = schedule.get_sigmas(steps, spacing).tolist()
+    sigmas = (schedule.get_sigmas(steps, spacing) if sigmas is None else torch.as_tensor(sigmas)).tolist()
 
     out = []
     for start in range(0, batch, batch_size):
@@ -175,21 +147,21 @@ def inpaint(denoiser, schedule: NoiseSchedule, image: Tensor, mask: Tensor, *, m
             if there < here:  # RePaint's jump: q(x_hi | x_lo) for the whole image
                 x = x + randn_like(x, paste_gens) * math.sqrt(sigmas[there] ** 2 - sigmas[here] ** 2)
                 continue
-            x = sampler_step(batch_denoiser, x, sigmas[here], sigmas[there], sampler, generator=step_gens,
-                             cond=batch_cond, **options)
+            x = sample(batch_denoiser, x, torch.tensor([sigmas[here], sigmas[there]], dtype=torch.float64), sampler,
+                       generator=step_gens, cond=batch_cond, **options)
             noised = known if sigmas[there] == 0 else known + sigmas[there] * randn_like(known, paste_gens)
             x = torch.where(known_fill, x, noised)
         out.append(x)
     return torch.cat(out)
 
 
-def img2img_sigmas(schedule: NoiseSchedule, steps: int, strength: float, spacing: str = "karras") -> Tensor:
-    """The tail of the `steps`-step sequence that img2img walks: diffusers' rule, the last
-    floor(steps * strength) levels (at least one), so the first (1 - strength) of the schedule is
+def img2img_sigmas(sigmas: Tensor, strength: float) -> Tensor:
+    """The tail of a whole sampling sequence that img2img walks: diffusers' rule, the last
+    floor(steps * strength) steps (at least one), so the first (1 - strength) of the schedule is
     skipped. (The 1e-9 keeps 0.57 * 100 = 56.999... at 57.)"""
     if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
         raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
-    sigmas = schedule.get_sigmas(steps, spacing)
+    steps = len(sigmas) - 1
     run = min(steps, max(1, math.floor(steps * strength + 1e-9)))
     return sigmas[steps - run:]
 
@@ -198,23 +170,26 @@ def img2img_sigmas(schedule: NoiseSchedule, steps: int, strength: float, spacing
 def img2img(denoiser, schedule: NoiseSchedule, image: Tensor, *, strength: float = 0.6, sampler: str = "dpmpp_2m",
             steps: int = 25, spacing: str = "karras", seed: int = 0, batch_size: int = 256,
             cond: dict | None = None, uncond: dict | None = None, guidance: float = 1.0,
-            clip: tuple[float, float] | None = None, progress: bool = False, **options) -> Tensor:
+            clip: tuple[float, float] | None = None, progress: bool = False, sigmas: Tensor | None = None,
+            **options) -> Tensor:
     """SDEdit (Meng et al. 2022): noise `image` [B, C, ...] to the level where `strength` enters the
     schedule (`img2img_sigmas`) and sample down from there with any sampler; [B, C, ...].
 
     Small strength keeps the input's layout and detail, strength 1 ignores the input: the full
     schedule starts from pure noise exactly as `generate` does (noise * sqrt(1 + sigma_max^2) for a
     VP model), and with the same seed gives the same images. Below 1 the start is the exact forward
-    sample x0 + sigma eps. Conditioning, guidance and clip work as in `generate`."""
+    sample x0 + sigma eps. Conditioning, guidance and clip work as in `generate`; `sigmas` (a whole
+    sequence) replaces `steps` and `spacing`."""
     _check_common(image, steps, cond, uncond, guidance, sampler, batch_size)
-    sigmas = img2img_sigmas(schedule, steps, strength, spacing)
+    full = schedule.get_sigmas(steps, spacing) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
+    sigmas = img2img_sigmas(full, strength)
     batch = image.shape[0]
     out = []
     for start in range(0, batch, batch_size):
         count = min(batch_size, batch - start)
         rows = slice(start, start + count)
         noise_gens = seeded_generators(seed + _START, count, start=start)
-        if len(sigmas) == steps + 1:  # the whole schedule: plain generation
+        if len(sigmas) == len(full):  # the whole schedule: plain generation
             x = initial_noise(image[rows].shape, float(sigmas[0]), variance_preserving=schedule.is_discrete,
                               dtype=image.dtype, generator=noise_gens).to(image.device)
         else:
@@ -307,7 +282,7 @@ def _run_img2img(args) -> None:
                 steps=args.steps, spacing=args.spacing, seed=args.seed, cond=cond, uncond=uncond,
                 guidance=guidance, clip=None if args.no_clip else (-1.0, 1.0), progress=True)
     save_image(tensor_to_pil(x[0]), args.output)
-    ran = len(img2img_sigmas(model.schedule, args.steps, args.strength, args.spacing)) - 1
+    ran = len(img2img_sigmas(model.schedule.get_sigmas(args.steps, args.spacing), args.strength)) - 1
     print(f"wrote {args.output} (img2img, strength {args.strength}: {ran} of {args.steps} steps, {args.sampler}, "
           f"seed {args.seed}) from {model.path}")
 
@@ -348,4 +323,4 @@ def add_edit_parsers(subparsers) -> None:
     p.set_defaults(run=_run_img2img)
 
 
-__all__ = ["METHODS", "add_edit_parsers", "img2img", "img2img_sigmas", "inpaint", "repaint_path", "sampler_step"]
+__all__ = ["METHODS", "add_edit_parsers", "img2img", "img2img_sigmas", "inpaint", "repaint_path"]

@@ -56,8 +56,12 @@ def initial_noise(shape, sigma_max: float, *, variance_preserving: bool, generat
     """The starting point for `sigmas[0] = sigma_max`: `noise * sqrt(1 + sigma_max^2)` for a
     variance-preserving model (its x_T = noise, seen in sigma space), `noise * sigma_max` for a
     variance-exploding one."""
-    scale = math.sqrt(1 + sigma_max**2) if variance_preserving else sigma_max
-    return randn_like(torch.empty(shape, dtype=dtype, device=device), generator) * scale
+    return randn_like(torch.empty(shape, dtype=dtype, device=device), generator) * start_scale(sigma_max, variance_preserving)
+
+
+def start_scale(sigma_max: float, variance_preserving: bool) -> float:
+    """What standard normal noise is multiplied by to start at sigma_max (see `initial_noise`)."""
+    return math.sqrt(1 + sigma_max**2) if variance_preserving else sigma_max
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
