@@ -334,3 +334,25 @@ def test_seeds_img2img_and_blend_inpainting(sd1):
     filled = ours("a", image=image, mask_image=Image.fromarray(mask), **kw).latents
     torch.testing.assert_close(filled[..., :8], known[..., :8], atol=0, rtol=0)
     assert not torch.allclose(filled[..., 8:], known[..., 8:])
+
+
+def test_command_line(sd1, tmp_path):
+    """txt2img, and img2img / inpaint given a Stable Diffusion folder, write images of the right size."""
+    from diffusekit.cli import main
+
+    _, folder, _ = sd1
+    out = tmp_path / "city.png"
+    assert main(["txt2img", "--model", str(folder), "a futuristic city", "-o", str(out), "--steps", "3",
+                 "-n", "2"]) == 0
+    first = tmp_path / "city-0.png"
+    assert Image.open(first).size == (32, 32) and (tmp_path / "city-1.png").exists()
+    assert main(["img2img", str(folder), "--image", str(first), "--prompt", "a cat", "-o", str(tmp_path / "i.png"),
+                 "--steps", "3", "--strength", "0.5"]) == 0
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main(["inpaint", "--model", str(folder), "--image", str(first), "--mask", str(tmp_path / "mask.png"),
+                 "--prompt", "a cat", "-o", str(tmp_path / "f.png"), "--steps", "3"]) == 0
+    filled, source = np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(first))
+    assert filled.shape == source.shape and not np.array_equal(filled, source)
+    assert main(["img2img", str(folder), "--image", str(first), "-o", str(tmp_path / "x.png")]) != 0  # no --prompt

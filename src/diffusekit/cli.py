@@ -10,6 +10,7 @@ import torch
 
 from .evaluate import add_eval_parser
 from .pipelines.edit import add_edit_parsers
+from .pipelines.stable_diffusion import add_txt2img_parser
 from .schedules import SCHEDULE_NAMES, BETA_SCHEDULES, NoiseSchedule
 
 
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_edit_parsers(sub)
+    add_txt2img_parser(sub)
 
     from .bench import samplers as bench_samplers
 

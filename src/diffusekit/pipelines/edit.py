@@ -252,9 +252,34 @@ def _conditioning(args, model):
     return cond, uncond, (args.guidance if cond is not None else 1.0)
 
 
+def _stable_diffusion_args(args) -> bool:
+    """True when the command names a Stable Diffusion model (--model, or RUN is a diffusers folder or a
+    single checkpoint file) rather than a diffusekit run; then the Stable Diffusion pipeline runs it."""
+    from pathlib import Path
+
+    if args.model and args.run_dir:
+        raise ValueError("give either RUN or --model, not both")
+    if not (args.model or args.run_dir):
+        raise ValueError("give a run folder (RUN) or a Stable Diffusion model (--model PATH)")
+    path = Path(args.model or args.run_dir)
+    return bool(args.model) or path.is_file() or (path / "model_index.json").exists()
+
+
+def _resolve_defaults(args, **defaults) -> None:
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _run_inpaint(args) -> None:
     from ..images import save_image, tensor_to_pil
     from ..train import load
+
+    if _stable_diffusion_args(args):
+        from .stable_diffusion import run_command
+
+        return run_command(args, "inpaint")
+    _resolve_defaults(args, sampler="ddpm", steps=50, spacing="karras", guidance=3.0, method="repaint")
 
     path = repaint_path(args.steps, args.jump_length, args.resample) if args.method == "repaint" else None
     model = load(args.run_dir, device=args.device)
@@ -275,6 +300,12 @@ def _run_img2img(args) -> None:
     from ..images import save_image, tensor_to_pil
     from ..train import load
 
+    if _stable_diffusion_args(args):
+        from .stable_diffusion import run_command
+
+        return run_command(args, "img2img")
+    _resolve_defaults(args, sampler="dpmpp_2m", steps=25, spacing="karras", guidance=3.0, strength=0.6)
+
     model = load(args.run_dir, device=args.device)
     image = _load_model_image(args.image, model, args.resize).to(args.device)
     cond, uncond, guidance = _conditioning(args, model)
@@ -288,21 +319,26 @@ def _run_img2img(args) -> None:
 
 
 def _add_common(p, sampler: str, steps: int) -> None:
-    p.add_argument("run_dir", metavar="RUN", help="run folder or checkpoint folder")
+    from .stable_diffusion import add_stable_diffusion_options  # (that module builds on this one)
+
+    p.add_argument("run_dir", metavar="RUN", nargs="?",
+                   help="run folder or checkpoint folder (or a Stable Diffusion folder / single file)")
+    p.add_argument("--model", help="a Stable Diffusion model: diffusers folder or .safetensors/.ckpt file")
     p.add_argument("--image", required=True, help="the input image (PNG, JPEG, WebP) at the model's size")
     p.add_argument("-o", "--output", required=True, help="output image file")
     p.add_argument("--resize", action="store_true", help="resize inputs of another size to the model's")
-    p.add_argument("--sampler", default=sampler, help=f"any registered sampler (default {sampler})")
-    p.add_argument("--steps", type=int, default=steps, help=f"steps of the sigma schedule (default {steps})")
-    p.add_argument("--spacing", default="karras", help="sigma spacing (default karras)")
+    p.add_argument("--sampler", help=f"any registered sampler (default {sampler}; Stable Diffusion: dpmpp_2m)")
+    p.add_argument("--steps", type=int, help=f"steps of the sigma schedule (default {steps}; Stable Diffusion: 25)")
+    p.add_argument("--spacing", help="sigma spacing (default karras; Stable Diffusion: its scheduler config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="class_label", type=int, metavar="K", help="class-conditional models: the class")
     p.add_argument("--prompt", help="text models: the prompt")
     p.add_argument("--negative-prompt", help="text models: what to steer away from")
-    p.add_argument("--guidance", type=float, default=3.0,
-                   help="classifier-free guidance scale for conditional models (1 = none; default 3)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale for conditional models (1 = none; default 3, Stable Diffusion 7.5)")
     p.add_argument("--no-clip", action="store_true", help="do not clamp denoised estimates to [-1, 1]")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    add_stable_diffusion_options(p)
 
 
 def add_edit_parsers(subparsers) -> None:
@@ -310,16 +346,18 @@ def add_edit_parsers(subparsers) -> None:
     p = subparsers.add_parser("inpaint", help="fill the white part of a mask so it fits the rest of an image")
     _add_common(p, "ddpm", 50)
     p.add_argument("--mask", required=True, help="mask image of the same size: white = fill, black = keep")
-    p.add_argument("--method", default="repaint", choices=METHODS,
-                   help="repaint (resampling, default) or replace (paste only; faster, less coherent)")
+    p.add_argument("--method", choices=METHODS,
+                   help="repaint (resampling; default for runs) or replace (paste only; default for Stable Diffusion)")
     p.add_argument("--jump-length", type=int, default=10, help="RePaint: levels per jump back up (default 10)")
     p.add_argument("--resample", type=int, default=10, help="RePaint: passes over each stretch (default 10)")
+    p.add_argument("--strength", type=float, help="Stable Diffusion inpainting U-Nets: start below pure noise")
     p.set_defaults(run=_run_inpaint)
 
     p = subparsers.add_parser("img2img", help="redraw an image from a noised copy (SDEdit)")
     _add_common(p, "dpmpp_2m", 25)
-    p.add_argument("--strength", type=float, default=0.6,
-                   help="how much of the schedule to run, in (0, 1]: low keeps the input, 1 ignores it (default 0.6)")
+    p.add_argument("--strength", type=float,
+                   help="how much of the schedule to run, in (0, 1]: low keeps the input, 1 ignores it "
+                        "(default 0.6; Stable Diffusion 0.8)")
     p.set_defaults(run=_run_img2img)
 
 

@@ -443,4 +443,69 @@ class StableDiffusion:
         return img2img(self.denoiser, self.scheduler.schedule, known, strength=strength, **common)
 
 
-__all__ = ["StableDiffusion", "StableDiffusionOutput", "byte_level_clip_tokenizer"]
+# ---------------------------------------------------------------------------------------------
+# The command line: `diffusekit txt2img`, and `img2img` / `inpaint` given a Stable Diffusion model
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_stable_diffusion_options(p) -> None:
+    """Options only Stable Diffusion models take (shared by txt2img, img2img and inpaint)."""
+    p.add_argument("--tokenizer", help="single-file checkpoints: a CLIP tokenizer folder (vocab.json, merges.txt)")
+    p.add_argument("--prediction", choices=("eps", "v"),
+                   help="single-file checkpoints: override the parameterisation implied by the family")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (float16/bfloat16 on GPUs)")
+    p.add_argument("--final-sigma", default="zero", choices=("zero", "sigma_min"),
+                   help="denoise to 0 (default) or stop at the smallest trained level, as diffusers' DDIM does")
+
+
+def add_txt2img_parser(subparsers) -> None:
+    p = subparsers.add_parser("txt2img", help="text-to-image with a Stable Diffusion model (folder or single file)")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--model", required=True, help="diffusers folder or .safetensors/.ckpt file")
+    p.add_argument("-o", "--output", required=True, help="output image (with -n > 1: NAME-0.png, NAME-1.png, ...)")
+    p.add_argument("--negative-prompt", help="what to steer away from")
+    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="any registered sampler (default dpmpp_2m)")
+    p.add_argument("--spacing", help="sigma spacing (default: the scheduler config's timestep spacing)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    add_stable_diffusion_options(p)
+    p.set_defaults(run=lambda args: run_command(args, "txt2img"))
+
+
+def run_command(args, mode: str) -> None:
+    """Run txt2img / img2img / inpaint with a Stable Diffusion model and write the image(s)."""
+    from ..images import save_image
+
+    path = args.model or args.run_dir
+    pipe = StableDiffusion.from_pretrained(path, tokenizer=args.tokenizer, prediction=args.prediction,
+                                           device=args.device, dtype=DTYPES[args.dtype])
+    kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps or 25,
+                  guidance_scale=7.5 if args.guidance is None else args.guidance, sampler=args.sampler or "dpmpp_2m",
+                  spacing=args.spacing, seed=args.seed, final_sigma=args.final_sigma, progress=True)
+    if mode == "txt2img":
+        prompt = args.prompt
+        kwargs.update(height=args.height, width=args.width, num_images_per_prompt=args.num_images)
+    else:
+        if not args.prompt:
+            raise ValueError("Stable Diffusion needs --prompt (an empty string for none)")
+        prompt = args.prompt
+        kwargs.update(image=args.image, strength=args.strength)
+        if mode == "inpaint":
+            kwargs.update(mask_image=args.mask, inpaint_method=args.method or "replace")
+    images = pipe(prompt, **kwargs).images
+    out = Path(args.output)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, target in zip(images, paths):
+        save_image(image, target)
+    print(f"wrote {', '.join(map(str, paths))} ({mode}, {kwargs['sampler']}, {kwargs['num_inference_steps']} steps, "
+          f"guidance {kwargs['guidance_scale']}, seed {args.seed}) from {path}")
+
+
+__all__ = ["StableDiffusion", "StableDiffusionOutput", "add_txt2img_parser", "byte_level_clip_tokenizer"]
