@@ -68,23 +68,34 @@ def _clip_modules():
     return CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 
-def _read_component_weights(folder: Path) -> dict[str, Tensor]:
+def _read_component_weights(folder: Path, variant: str | None = None) -> dict[str, Tensor]:
     """A diffusers component's weights: one safetensors file, a sharded one (index.json), or a
-    legacy .bin read with weights_only=True."""
-    single = folder / "diffusion_pytorch_model.safetensors"
+    legacy .bin read with weights_only=True; `variant` picks e.g. diffusion_pytorch_model.fp16.safetensors."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    single = folder / f"{stem}.safetensors"
     if single.exists():
         return read_state(single)
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index = folder / f"{stem}.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state = {}
         for shard in shards:
             state.update(read_state(folder / shard))
         return state
-    legacy = folder / "diffusion_pytorch_model.bin"
+    legacy = folder / f"{stem}.bin"
     if legacy.exists():
         return read_state(legacy)
-    raise ValueError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors, its .index.json or .bin)")
+    raise ValueError(f"{folder} holds no weights ({stem}.safetensors, its .index.json or .bin)")
+
+
+def _with_weights(cls, config, state: dict[str, Tensor], source):
+    """`cls(config)` holding `state`, built on the meta device: a 860M-parameter U-Net is neither
+    randomly initialised first nor held twice in memory."""
+    with torch.device("meta"):
+        module = cls(config)
+    load_state_strict(module, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source,
+                      assign=True)
+    return module
 
 
 def _read_json(path: Path) -> dict:
@@ -152,19 +163,20 @@ class StableDiffusion:
 
     @classmethod
     def from_pretrained(cls, path, *, tokenizer=None, prediction: str | None = None, image_size: int | None = None,
-                        device="cpu", dtype: torch.dtype = torch.float32) -> "StableDiffusion":
+                        variant: str | None = None, device="cpu", dtype: torch.dtype = torch.float32) -> "StableDiffusion":
         """Load a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
         scheduler/) or a single original checkpoint (.safetensors, or .ckpt read with
         weights_only=True). A single file carries no tokenizer: give `tokenizer=FOLDER` (with
         vocab.json and merges.txt), or keep a `tokenizer/` folder beside the file. `prediction`
         ("eps" or "v") and `image_size` (latent side) override what a single file implies (see
-        `detect_family`); a folder's configs say it exactly."""
+        `detect_family`); a folder's configs say it exactly. `variant` ("fp16") reads a folder's
+        `*.fp16.safetensors` weight files."""
         path = Path(path)
         if path.is_dir():
             if prediction is not None or image_size is not None:
                 raise ValueError("prediction= and image_size= are for single files; a folder's scheduler and U-Net "
                                  "configs set them")
-            pipe = cls._from_folder(path, tokenizer)
+            pipe = cls._from_folder(path, tokenizer, variant)
         elif path.is_file():
             pipe = cls._from_single_file(path, tokenizer, prediction, image_size)
         else:
@@ -172,21 +184,20 @@ class StableDiffusion:
         return pipe.to(device, dtype)
 
     @classmethod
-    def _from_folder(cls, path: Path, tokenizer) -> "StableDiffusion":
+    def _from_folder(cls, path: Path, tokenizer, variant) -> "StableDiffusion":
         index = _read_json(path / "model_index.json")
         for name in COMPONENTS:
             if name not in index or not (path / name).is_dir():
                 raise ValueError(f"{path} has no {name}/ component (model_index.json and the folder are both needed)")
-        unet_cfg = unet_config_from_diffusers(_read_json(path / "unet" / "config.json"))
-        unet = UNet(unet_cfg)
-        load_state_strict(unet, _read_component_weights(path / "unet"), path / "unet")
-        vae = AutoencoderKL(autoencoder_config_from_diffusers(_read_json(path / "vae" / "config.json")))
-        load_state_strict(vae, autoencoder_state_from_diffusers(_read_component_weights(path / "vae")), path / "vae")
+        unet = _with_weights(UNet, unet_config_from_diffusers(_read_json(path / "unet" / "config.json")),
+                             _read_component_weights(path / "unet", variant), path / "unet")
+        vae = _with_weights(AutoencoderKL, autoencoder_config_from_diffusers(_read_json(path / "vae" / "config.json")),
+                            autoencoder_state_from_diffusers(_read_component_weights(path / "vae", variant)), path / "vae")
         scheduler = scheduler_from_diffusers(_read_json(path / "scheduler" / "scheduler_config.json"))
         _, CLIPTextModel, CLIPTokenizer = _clip_modules()
         if not (path / "text_encoder" / "config.json").exists():
             raise ValueError(f"{path / 'text_encoder'} has no config.json")
-        text_model = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+        text_model = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, variant=variant)
         tok_dir = Path(tokenizer) if tokenizer is not None else path / "tokenizer"
         check_tokenizer_folder(tok_dir)
         tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -196,10 +207,8 @@ class StableDiffusion:
     def _from_single_file(cls, path: Path, tokenizer, prediction, image_size) -> "StableDiffusion":
         state = read_state(path)
         family = detect_family(state, prediction=prediction, image_size=image_size)
-        unet = UNet(family.unet)
-        unet.load_state_dict(unet_state_from_ldm(state, family.unet))
-        vae = AutoencoderKL(family.autoencoder)
-        load_state_strict(vae, autoencoder_state_from_ldm(state), f"{path} (VAE)")
+        unet = _with_weights(UNet, family.unet, unet_state_from_ldm(state, family.unet), path)
+        vae = _with_weights(AutoencoderKL, family.autoencoder, autoencoder_state_from_ldm(state), f"{path} (VAE)")
         text_state, text_kwargs = text_state_from_ldm(state, family.text_layout)
         tok_dir = Path(tokenizer) if tokenizer is not None else path.parent / "tokenizer"
         if not tok_dir.is_dir():

@@ -121,7 +121,10 @@ def read_weights(path: Path) -> dict:
         raise ValueError(f"cannot read weights {path} ({e}); the file is corrupt, use another checkpoint") from None
 
 
-def load_state_strict(module: torch.nn.Module, state: dict, source) -> None:
+def load_state_strict(module: torch.nn.Module, state: dict, source, assign: bool = False) -> None:
+    """Load `state` into `module`, naming the first missing / unexpected / mis-shaped key. With
+    `assign` the tensors are taken over rather than copied (for modules built on the meta device:
+    no random initialisation, no second copy of the weights in memory)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -131,7 +134,7 @@ def load_state_strict(module: torch.nn.Module, state: dict, source) -> None:
     for k, v in state.items():
         if own[k].shape != v.shape:
             raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    module.load_state_dict(state)
+    module.load_state_dict(state, assign=assign)
 
 
 @dataclass
