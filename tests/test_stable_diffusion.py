@@ -356,3 +356,18 @@ def test_command_line(sd1, tmp_path):
     filled, source = np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(first))
     assert filled.shape == source.shape and not np.array_equal(filled, source)
     assert main(["img2img", str(folder), "--image", str(first), "-o", str(tmp_path / "x.png")]) != 0  # no --prompt
+
+
+def test_convert_command_writes_a_loadable_folder(build, tmp_path):
+    from diffusekit.cli import main
+
+    _, folder, ours = build("sd2")
+    _single_file(ours, "sd2", tmp_path / "sd2.safetensors")
+    assert main(["convert", str(tmp_path / "sd2.safetensors"), "--tokenizer", str(folder / "tokenizer"),
+                 "-o", str(tmp_path / "out")]) == 0
+    back = StableDiffusion.from_pretrained(tmp_path / "out")
+    assert back.scheduler.prediction == "v"
+    a, b = ours.unet.state_dict(), back.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["convert", str(tmp_path / "sd2.safetensors"), "--tokenizer", str(folder / "tokenizer"),
+                 "-o", str(tmp_path / "out")]) != 0  # exists: not overwritten without --overwrite

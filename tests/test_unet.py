@@ -189,3 +189,20 @@ def test_bf16_autocast_forward_is_close_to_float32():
             low = net(x, t)
     assert low.dtype == torch.bfloat16
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("stride,size", [(1, 4), (1, 8), (2, 8), (1, 32)])
+def test_conv3x3_matrix_product_path_equals_the_convolution(stride, size):
+    """The im2col path (inference, CPU, >= 512 output channels, few positions) computes the same
+    function as nn.Conv2d; with gradients on, or many positions, it is the convolution itself."""
+    from diffusekit.nn.unet import conv3x3
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(96, 512, 3, stride=stride, padding=1)
+    x = torch.randn(2, 96, size, size)
+    expected = conv(x)
+    with torch.no_grad():
+        torch.testing.assert_close(conv3x3(conv, x), expected, atol=2e-5, rtol=1e-5)
+    with torch.enable_grad():
+        out = conv3x3(conv, x)
+    assert out.requires_grad and torch.equal(out, expected)

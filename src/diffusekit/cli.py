@@ -10,7 +10,7 @@ import torch
 
 from .evaluate import add_eval_parser
 from .pipelines.edit import add_edit_parsers
-from .pipelines.stable_diffusion import add_txt2img_parser
+from .pipelines.stable_diffusion import add_stable_diffusion_parsers
 from .schedules import SCHEDULE_NAMES, BETA_SCHEDULES, NoiseSchedule
 
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_edit_parsers(sub)
-    add_txt2img_parser(sub)
+    add_stable_diffusion_parsers(sub)
 
     from .bench import samplers as bench_samplers
 

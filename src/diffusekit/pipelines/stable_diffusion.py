@@ -459,17 +459,27 @@ class StableDiffusion:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def add_stable_diffusion_options(p) -> None:
-    """Options only Stable Diffusion models take (shared by txt2img, img2img and inpaint)."""
+def add_stable_diffusion_options(p, sampling: bool = True) -> None:
+    """Options only Stable Diffusion models take (shared by txt2img, img2img, inpaint and convert)."""
     p.add_argument("--tokenizer", help="single-file checkpoints: a CLIP tokenizer folder (vocab.json, merges.txt)")
     p.add_argument("--prediction", choices=("eps", "v"),
                    help="single-file checkpoints: override the parameterisation implied by the family")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (float16/bfloat16 on GPUs)")
+    if not sampling:
+        return
     p.add_argument("--final-sigma", default="zero", choices=("zero", "sigma_min"),
                    help="denoise to 0 (default) or stop at the smallest trained level, as diffusers' DDIM does")
 
 
-def add_txt2img_parser(subparsers) -> None:
+def add_stable_diffusion_parsers(subparsers) -> None:
+    """`diffusekit txt2img` and `diffusekit convert` (img2img and inpaint live in `edit`)."""
+    p = subparsers.add_parser("convert", help="convert a Stable Diffusion single file to a diffusers folder")
+    p.add_argument("source", help="a .safetensors/.ckpt single file (or a diffusers folder, to re-save it)")
+    p.add_argument("-o", "--output", required=True, help="the diffusers folder to write (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_stable_diffusion_options(p, sampling=False)
+    p.set_defaults(run=_convert)
+
     p = subparsers.add_parser("txt2img", help="text-to-image with a Stable Diffusion model (folder or single file)")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", required=True, help="diffusers folder or .safetensors/.ckpt file")
@@ -486,6 +496,16 @@ def add_txt2img_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     add_stable_diffusion_options(p)
     p.set_defaults(run=lambda args: run_command(args, "txt2img"))
+
+
+def _convert(args) -> None:
+    pipe = StableDiffusion.from_pretrained(args.source, tokenizer=args.tokenizer, prediction=args.prediction,
+                                           dtype=DTYPES[args.dtype])
+    out = pipe.save_pretrained(args.output, overwrite=args.overwrite)
+    cfg = pipe.unet.config
+    print(f"wrote {out} (diffusers layout; U-Net {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f}M "
+          f"parameters, {cfg.in_channels + cfg.concat_channels} input channels, {pipe.scheduler.prediction}-prediction, "
+          f"{args.dtype})")
 
 
 def run_command(args, mode: str) -> None:
@@ -517,4 +537,4 @@ def run_command(args, mode: str) -> None:
           f"guidance {kwargs['guidance_scale']}, seed {args.seed}) from {path}")
 
 
-__all__ = ["StableDiffusion", "StableDiffusionOutput", "add_txt2img_parser", "byte_level_clip_tokenizer"]
+__all__ = ["StableDiffusion", "StableDiffusionOutput", "add_stable_diffusion_parsers", "byte_level_clip_tokenizer"]
