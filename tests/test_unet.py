@@ -206,3 +206,24 @@ def test_conv3x3_matrix_product_path_equals_the_convolution(stride, size):
     with torch.enable_grad():
         out = conv3x3(conv, x)
     assert out.requires_grad and torch.equal(out, expected)
+
+
+def test_augmentation_level_embedding():
+    """SR3/Imagen noise-conditioning augmentation: the concat image's noise level enters the time
+    embedding; it is required when configured and refused otherwise."""
+    # 8 groups: with one channel per group, GroupNorm would cancel any per-channel embedding
+    cfg = UNetConfig(in_channels=1, image_size=8, block_out_channels=(32, 32), attention_resolutions=(),
+                     concat_channels=1, augmentation_embedding=True, norm_groups=8)
+    net = UNet(cfg).eval()
+    x, low = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t = torch.tensor([10.0, 500.0])
+    a = net(x, t, concat=low, aug_level=torch.tensor([0.0, 0.0]))
+    b = net(x, t, concat=low, aug_level=torch.tensor([0.0, 300.0]))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match="aug_level"):
+        net(x, t, concat=low)
+    with pytest.raises(ValueError, match="augmentation_embedding"):
+        UNet(UNetConfig(in_channels=1, image_size=8, block_out_channels=(32, 32), attention_resolutions=()))(
+            x, t, aug_level=t)
+    with pytest.raises(ValueError, match="augmentation_embedding"):
+        UNetConfig(in_channels=1, image_size=8, augmentation_embedding=True)

@@ -130,7 +130,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     if cfg.attention_type != "transformer" or cfg.context_dim is None:
         reject("attention_type", "needs cross-attention transformer blocks (attention_type='transformer', context_dim)")
     for name, default in (("patch_size", 1), ("num_classes", None), ("pooled_context_dim", None),
-                          ("time_scale_shift", False), ("resample", "conv"), ("mid_attention", True)):
+                          ("time_scale_shift", False), ("resample", "conv"), ("mid_attention", True),
+                          ("augmentation_embedding", False)):
         if getattr(cfg, name) != default:
             reject(name, f"{getattr(cfg, name)!r} is not {default!r}")
     pyramid = cfg.pyramid()

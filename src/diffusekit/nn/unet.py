@@ -43,6 +43,7 @@ class UNetConfig:
     use_linear_projection: bool = False  # SD 2.x projects in/out of transformers with Linear, 1.x with 1x1 conv
     num_classes: int | None = None  # class embedding (index num_classes = "no class", for guidance)
     concat_channels: int = 0  # extra input channels (super-resolution, inpainting masks)
+    augmentation_embedding: bool = False  # embed `aug_level`, the noise level of a noised conditioning image (SR3/Imagen)
     dropout: float = 0.0
     norm_groups: int = 32
     norm_eps: float = 1e-5
@@ -92,6 +93,8 @@ class UNetConfig:
                 fail("head_dim", f"{c} channels are not divisible by head_dim={self.head_dim}")
             if self.num_heads is not None and c % self.heads_at(i):
                 fail("num_heads", f"{c} channels are not divisible by {self.heads_at(i)} heads")
+        if self.augmentation_embedding and not self.concat_channels:
+            fail("augmentation_embedding", "embeds the noise level of a concat image: set concat_channels too")
         if self.resample not in ("conv", "resblock"):
             fail("resample", f"{self.resample!r} is not 'conv' or 'resblock'")
         if self.layers_per_block < 1:
@@ -397,9 +400,10 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """`unet(x, t, class_labels=None, context=None, context_mask=None, concat=None, context_pooled=None)` -> a tensor of
-    x's shape (out_channels). `t` is the per-sample noise conditioning (a fractional timestep for
-    discrete models, log(sigma) / 4 for continuous ones)."""
+    """`unet(x, t, class_labels=None, context=None, context_mask=None, concat=None, context_pooled=None,
+    aug_level=None)` -> a tensor of x's shape (out_channels). `t` is the per-sample noise
+    conditioning (a fractional timestep for discrete models, log(sigma) / 4 for continuous ones);
+    `aug_level` the noise level of a noised `concat` image, on the same scale as `t`."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -412,6 +416,8 @@ class UNet(nn.Module):
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes else None
         # the whole prompt in every ResBlock from the first step on; cross-attention adds where and which
         self.add_embedding = TimestepEmbedding(cfg.pooled_context_dim, temb_dim) if cfg.pooled_context_dim else None
+        # noise-conditioning augmentation: how noisy the concatenated low-resolution image is
+        self.aug_embedding = TimestepEmbedding(ch[0], temb_dim) if cfg.augmentation_embedding else None
         self.conv_in = nn.Conv2d((cfg.in_channels + cfg.concat_channels) * patch_area, ch[0], 3, padding=1)
 
         def resampler(c: int, up: bool) -> nn.Module:
@@ -460,7 +466,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, concat: Tensor | None = None,
-                context_pooled: Tensor | None = None) -> Tensor:
+                context_pooled: Tensor | None = None, aug_level: Tensor | None = None) -> Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected x of shape [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
@@ -487,6 +493,15 @@ class UNet(nn.Module):
             temb = temb + self.add_embedding(pooled)
         elif context_pooled is not None:
             raise ValueError("this U-Net takes no pooled text vector (pooled_context_dim is not set)")
+        if self.aug_embedding is not None:
+            if aug_level is None:
+                raise ValueError("this U-Net embeds the conditioning image's noise level: pass aug_level=[B] "
+                                 "(0 for a clean image)")
+            aug_level = torch.as_tensor(aug_level, device=x.device, dtype=torch.float32).expand(x.shape[0])
+            temb = temb + self.aug_embedding(timestep_embedding(aug_level, cfg.block_out_channels[0],
+                                                                cfg.flip_sin_to_cos, cfg.freq_shift))
+        elif aug_level is not None:
+            raise ValueError("this U-Net has no augmentation-level embedding (augmentation_embedding is False)")
         if cfg.concat_channels:
             if concat is None or concat.shape[1] != cfg.concat_channels or concat.shape[-2:] != x.shape[-2:]:
                 got = None if concat is None else tuple(concat.shape)
