@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffusekit import SAMPLERS, GaussianMixture, NoiseSchedule, sample, seeded_generators
+from diffusekit.sampling import get_sampler
 
 EDM = NoiseSchedule.continuous(0.002, 80.0)
 
@@ -201,8 +202,11 @@ def test_bad_options_name_the_option(method, options, match, mixture_2d):
 @pytest.mark.parametrize("method", sorted(SAMPLERS))
 def test_every_sampler_checks_sigmas_and_rejects_unknown_options(method, mixture_2d):
     x = torch.randn(4, 2)
-    with pytest.raises(ValueError, match="end in 0"):
-        sample(mixture_2d.denoiser, x, torch.tensor([2.0, 1.0]), method)
+    with pytest.raises(ValueError, match="end in 0"):  # the sampler functions run to 0 ...
+        get_sampler(method).fn(mixture_2d.denoiser, x, torch.tensor([2.0, 1.0]))
+    # ... and `sample` stops a run at a level above 0 (tests/test_sampling.py checks the state there)
+    partial = sample(mixture_2d.denoiser, x * 2, torch.tensor([2.0, 1.0]), method, generator=torch.Generator())
+    assert partial.shape == x.shape and torch.isfinite(partial).all()
     with pytest.raises(ValueError, match="descending"):
         sample(mixture_2d.denoiser, x, torch.tensor([1.0, 2.0, 0.0]), method)
     with pytest.raises(TypeError):
