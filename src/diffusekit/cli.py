@@ -80,10 +80,11 @@ def _sample(args) -> None:
     cond, uncond = model.conditioning(args.n, class_labels=args.class_label, prompts=prompts or None,
                                       negative_prompt=args.negative_prompt, device=device)
     guidance = args.guidance if cond is not None else 1.0
-    x = generate(model.denoiser, model.schedule, model.image_shape, args.n, seed=args.seed, sampler=args.sampler,
+    x = generate(model.denoiser, model.schedule, model.sample_shape, args.n, seed=args.seed, sampler=args.sampler,
                  steps=args.steps, spacing=args.spacing, device=device, progress=True, cond=cond, uncond=uncond,
                  guidance=guidance, guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
-                 threshold=args.threshold, clip=None if args.no_clip else (-1.0, 1.0))
+                 threshold=args.threshold, clip=None if args.no_clip else model.sample_clip)
+    x = model.decode(x, check_scale=False)  # latent models: through their autoencoder
     save_image(image_grid(x), args.output)
     if args.save_individual:
         folder = Path(args.save_individual)
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-conditional", action="store_true", default=None,
                    help="condition on the data's labels (with label dropout for guidance)")
     p.add_argument("--text-encoder", help="condition on captions: minilm (packaged, frozen), learned (trained jointly) or clip:PATH")
+    p.add_argument("--autoencoder", metavar="AE_DIR", help="latent diffusion: train on the latents of this "
+                   "train-autoencoder run (embedded in the run, with a scale factor estimated from the data)")
     p.add_argument("--cond-dropout", type=float, help="how often labels/captions are dropped (default 0.1)")
     p.add_argument("--sample-guidance", type=float, help="guidance scale of the preview grids (default 3)")
     p.add_argument("--weighting", help="uniform or min_snr")
@@ -160,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.set_defaults(run=_train)
+
+    from .train.autoencoder import add_parser as add_autoencoder_parser
+
+    add_autoencoder_parser(sub)
 
     p = sub.add_parser("sample", help="draw samples from a trained run into a grid image")
     p.add_argument("run_dir", metavar="RUN", help="run folder or checkpoint folder")

@@ -108,9 +108,10 @@ def make_request(model, task: Task, n: int) -> Request:
 def draw(model, request: Request, *, sampler: str, steps: int, spacing: str, seed: int, guidance: float,
          device, progress: bool) -> Tensor:
     cond, uncond = model.conditioning(request.n, class_labels=request.labels, prompts=request.prompts, device=device)
-    return generate(model.denoiser, model.schedule, model.image_shape, request.n, seed=seed, sampler=sampler,
-                    steps=steps, spacing=spacing, device=device, progress=progress, cond=cond, uncond=uncond,
-                    guidance=guidance if cond is not None else 1.0, clip=(-1.0, 1.0))
+    x = generate(model.denoiser, model.schedule, model.sample_shape, request.n, seed=seed, sampler=sampler,
+                 steps=steps, spacing=spacing, device=device, progress=progress, cond=cond, uncond=uncond,
+                 guidance=guidance if cond is not None else 1.0, clip=model.sample_clip)
+    return model.decode(x, check_scale=False)  # latent models: through their autoencoder
 
 
 def pixel_features(images: Tensor) -> Tensor:
@@ -364,6 +365,9 @@ def likelihood(model, n: int, timesteps: int | None, *, seed: int, device, progr
         from .metrics.likelihood import bits_per_dim
     except ImportError:
         raise ValueError("--likelihood needs diffusekit.metrics.likelihood, which this version does not have") from None
+    if model.autoencoder is not None:
+        raise ValueError("--likelihood bounds pixel likelihoods; a latent model's bound would be over its latents, "
+                         "not the images: leave --likelihood off for latent models")
     real, pick = training_subset(model, n, "--likelihood")
     data = model.config["data"]
     levels = 17 if data["name"] == "digits" and data["resolution"] == 8 else 256

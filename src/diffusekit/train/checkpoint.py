@@ -50,8 +50,9 @@ def _write_fsynced(path: Path, write) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, config: dict, ema_state: dict, train_state: dict | None,
-                    keep: int = 2) -> Path:
-    """Write checkpoint `step` under run_dir atomically, point `latest` at it, keep the newest `keep`."""
+                    keep: int = 2, extra: dict[str, dict] | None = None) -> Path:
+    """Write checkpoint `step` under run_dir atomically, point `latest` at it, keep the newest `keep`.
+    `extra` maps further safetensors file names to state dicts (a latent model's autoencoder)."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -63,6 +64,9 @@ def save_checkpoint(run_dir: Path, step: int, config: dict, ema_state: dict, tra
     _write_fsynced(tmp / "config.json", lambda p: p.write_text(json.dumps({**config, "step": step}, indent=2)))
     weights = {k: v.detach().to("cpu").contiguous() for k, v in ema_state.items()}
     _write_fsynced(tmp / "model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": FORMAT}))
+    for filename, state in (extra or {}).items():
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        _write_fsynced(tmp / filename, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     if train_state is not None:
         _write_fsynced(tmp / "train_state.pt", lambda p: torch.save(train_state, p))
     _fsync_dir(tmp)
@@ -147,6 +151,7 @@ class Model:
     config: dict
     path: Path
     text_encoder: torch.nn.Module | None = None
+    autoencoder: torch.nn.Module | None = None  # latent models: decodes what the sampler returns
 
     @property
     def denoiser(self) -> Denoiser:
@@ -156,6 +161,35 @@ class Model:
     def image_shape(self) -> tuple[int, int, int]:
         data = self.config["data"]
         return data["channels"], data["resolution"], data["resolution"]
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """What the sampler draws: the image shape, or for latent models the latent shape."""
+        if self.autoencoder is None:
+            return self.image_shape
+        return tuple(self.config["autoencoder"]["latent_shape"])
+
+    @property
+    def sample_clip(self) -> tuple[float, float] | None:
+        """The range denoised estimates are clamped to while sampling: pixels lie in [-1, 1],
+        unit-std latents have no hard bound."""
+        return (-1.0, 1.0) if self.autoencoder is None else None
+
+    def decode(self, x, check_scale: bool = True):
+        """Sampler output -> images: identity for pixel models; latent models decode through their
+        autoencoder (latents of the wrong shape or, with check_scale, far from unit std are refused)."""
+        if self.autoencoder is None:
+            return x
+        from .latent import decode_latents
+
+        return decode_latents(self.autoencoder, x, self.sample_shape, check_scale=check_scale)
+
+    def encode(self, images, generator=None):
+        """Images [B, C, H, W] in [-1, 1] -> what the sampler works on (scaled latents for latent models)."""
+        if self.autoencoder is None:
+            return images
+        with torch.no_grad():
+            return self.autoencoder.encode_latents(images, generator=generator, sample=generator is not None)
 
     @property
     def conditioning_kind(self) -> str | None:
@@ -198,6 +232,9 @@ def load(path, device="cpu") -> Model:
     """Rebuild the network (EMA weights), schedule and parameterisation from a checkpoint or run folder."""
     folder = resolve_checkpoint(path)
     config = read_config(folder)
+    if config.get("model", {}).get("type") == "autoencoder":
+        raise ValueError(f"{folder} is an autoencoder, not a diffusion model: train one on its latents with "
+                         f"`diffusekit train --autoencoder {path}`")
     if config.get("model", {}).get("type") != "unet":
         raise ValueError(f"{folder}: unknown model type {config.get('model', {}).get('type')!r}")
     network = UNet(UNetConfig.from_dict(config["model"]["config"]))
@@ -211,4 +248,10 @@ def load(path, device="cpu") -> Model:
         text_encoder.to(device).eval()
     load_state_strict(network, read_weights(folder / "model.safetensors"), folder / "model.safetensors")
     network.to(device).eval().requires_grad_(False)
-    return Model(network, schedule_from_config(config["schedule"]), config["prediction"], config, folder, text_encoder)
+    autoencoder = None
+    if config.get("autoencoder"):  # a latent model: its autoencoder is embedded in the checkpoint
+        from .latent import load_autoencoder
+
+        autoencoder, _ = load_autoencoder(folder, device)
+    return Model(network, schedule_from_config(config["schedule"]), config["prediction"], config, folder, text_encoder,
+                 autoencoder)

@@ -1,40 +1,34 @@
-"""The training loop: AdamW with warm-up, gradient clipping and accumulation, EMA, mixed precision,
-atomic checkpoints with exact resume, sample grids, a JSONL log and a loss curve, and DDP under
-torchrun.
+"""Diffusion training: the settings (`TrainConfig`) and the diffusion `Job` that the shared training
+core (`core.py`: optimizer, EMA, checkpoints, resume, logging, DDP) runs.
 
-Every random draw of a step (which images, their flips, noise levels and noise) is a pure function
-of (seed, step) for the *global* batch, and each rank takes its slice. That makes a resumed run
-bit-identical to an uninterrupted one, and N processes equivalent to one with the same global batch.
+In pixel space the job noises images; with `--autoencoder` it noises the images' latents (encoded
+once and cached, scaled to unit std by a factor estimated from the data, see `latent.py`) and the
+preview grids decode them. Every random draw of a step (which images, their flips, noise levels,
+noise, posterior samples) is a pure function of (seed, step) for the global batch, so resume is
+bit-exact and N processes equal one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import inspect
-import json
-import math
-import os
-import shutil
-import time
-from dataclasses import asdict, dataclass, fields
+import time  # noqa: F401  (the core's clock; tests patch it as loop.time.monotonic)
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from .._utils import atomic_path
 from ..data import load_dataset
 from ..denoiser import Denoiser
 from ..forward import WEIGHTINGS, loss as diffusion_loss, sample_training_sigmas
-from ..images import image_grid, line_plot, save_image
 from ..nn.text import LearnedEncoder, build_text_encoder
 from ..nn.unet import PRESETS, UNet, UNetConfig, preset
 from ..pipelines.generate import generate
 from ..schedules import BETA_SCHEDULES, NoiseSchedule
-from .checkpoint import (FORMAT, VERSION, load_state_strict, read_config, read_weights, resolve_checkpoint,
-                         save_checkpoint)
+from .checkpoint import FORMAT, VERSION, read_config, resolve_checkpoint
+from .core import (Dist, Job, StopTraining, check_devices, config_from_dict, fit, global_batch_indices,  # noqa: F401
+                   init_distributed, read_log, resumed_settings, step_generator as _step_generator,
+                   validate_loop_settings)
+from .latent import AUTOENCODER_FILE, LatentData, check_fits, decode_latents, load_autoencoder
 
 
 # U-Nets sized for a few minutes (digits) to twenty (mnist, shapes) on a laptop CPU
@@ -53,6 +47,7 @@ class TrainConfig:
     prediction: str = "v"  # bounded x0 errors at high noise (eps errors grow with sigma); eps and x0 also work
     class_conditional: bool = False  # condition on the data's labels (classifier-free guidance ready)
     text_encoder: str | None = None  # condition on captions through cross-attention: minilm | learned | clip:PATH
+    autoencoder: str | None = None  # latent diffusion: a train-autoencoder run (or diffusers AutoencoderKL folder)
     cond_dropout: float = 0.1  # labels/captions dropped to "unconditional" this often (for guidance)
     sample_guidance: float = 3.0  # guidance scale of the preview grids of conditional runs
     weighting: str = "min_snr"  # min-SNR-5 converges faster than L_simple (Hang et al. 2023)
@@ -92,21 +87,9 @@ class TrainConfig:
             fail("weighting", f"unknown {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
         if self.preset is not None and self.preset not in PRESETS:
             fail("preset", f"unknown {self.preset!r}; valid: {', '.join(PRESETS)}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            fail("precision", f"unknown {self.precision!r}; valid: fp32, bf16, fp16")
-        for name in ("batch_size", "grad_accum", "checkpoint_every", "sample_every", "log_every", "num_train_steps"):
-            if getattr(self, name) < 1:
-                fail(name, "must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            fail("steps", "must be >= 1")
-        if self.minutes is not None and self.minutes <= 0:
-            fail("minutes", "must be > 0")
-        if self.save_minutes is not None and self.save_minutes <= 0:
-            fail("save_minutes", "must be > 0")
-        if not 0 <= self.ema_decay < 1:
-            fail("ema_decay", "must lie in [0, 1)")
-        if self.lr <= 0:
-            fail("lr", "must be > 0")
+        validate_loop_settings(self)
+        if self.num_train_steps < 1:
+            fail("num_train_steps", "must be >= 1")
         if self.class_conditional and self.text_encoder:
             fail("text_encoder", "a model is conditioned on classes or on text, not both")
         if not 0 <= self.cond_dropout < 1:
@@ -116,78 +99,37 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d)
 
 
-class StopTraining(Exception):
-    """Raised when the loss stops being finite; the last good checkpoint is kept."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun sets WORLD_SIZE / RANK / LOCAL_RANK)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str | None) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-        d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-        if cuda:
-            torch.cuda.set_device(d.local_rank)
-            return d, torch.device("cuda", d.local_rank)
-        return d, torch.device("cpu")
-    return Dist(), torch.device(device or ("cuda" if cuda else "cpu"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Deterministic per-step randomness
-# ---------------------------------------------------------------------------------------------
-
-
-def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
-
-
-def global_batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
-    """Dataset indices of the global batch at `step`: epochs are seeded permutations, walked in order."""
-    positions = torch.arange(step * batch, (step + 1) * batch)
-    out = torch.empty(batch, dtype=torch.long)
-    for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
-        perm = torch.randperm(n, generator=_step_generator(seed, epoch, 0))
-        mask = positions.div(n, rounding_mode="floor") == epoch
-        out[mask] = perm[positions[mask] % n]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
+def _unet_overrides_for_latents(name: str, side: int) -> dict:
+    """A latent grid is already f times smaller than the image, so the data's preset runs on it
+    without patches (a 2x2 patch on top would make a 64px image's 16x16 latents an 8x8 grid), with
+    attention at the same levels of the pyramid as the preset has."""
+    base = preset(name)
+    levels = [i for i, r in enumerate(base.pyramid()) if r in base.attention_resolutions]
+    pyramid = [side // 2**i for i in range(len(base.block_out_channels))]
+    return {"patch_size": 1, "attention_resolutions": tuple(pyramid[i] for i in levels if pyramid[i] >= 1)}
 
 
 def _model_config(cfg: TrainConfig, data, text_dim: int | None) -> dict:
+    name = cfg.preset or DATA_PRESETS.get(cfg.data, "digits")
     overrides = {"in_channels": data.channels, "image_size": data.resolution}
+    if isinstance(data, LatentData):
+        overrides.update(_unet_overrides_for_latents(name, data.resolution))
     if cfg.dropout is not None:
         overrides["dropout"] = cfg.dropout
     if cfg.class_conditional:
         overrides["num_classes"] = data.num_classes
     if text_dim is not None:
         overrides.update(attention_type="transformer", context_dim=text_dim, pooled_context_dim=text_dim)
-    return preset(cfg.preset or DATA_PRESETS.get(cfg.data, "digits"), **overrides).to_dict()
+    try:
+        return preset(name, **overrides).to_dict()
+    except ValueError as e:
+        if isinstance(data, LatentData):
+            raise ValueError(f"the {data.resolution}x{data.resolution} latents do not fit U-Net preset {name!r} ({e}); "
+                             "use a larger --resolution or another --preset") from None
+        raise
 
 
 def text_encoder_spec(name: str | None) -> dict | None:
@@ -209,242 +151,147 @@ def _check_conditioning(cfg: TrainConfig, data) -> None:
         raise ValueError(f"--text-encoder needs captioned data (shapes); {data.name} has no captions")
 
 
-def _checkpoint_config(cfg: TrainConfig, model_config: dict, data) -> dict:
-    return {
+def _checkpoint_config(cfg: TrainConfig, model_config: dict, images, latents: LatentData | None,
+                       ae_source: dict | None) -> dict:
+    config = {
         "format": FORMAT,
         "version": VERSION,
         "model": {"type": "unet", "config": model_config},
         "schedule": {"name": cfg.schedule, "num_steps": cfg.num_train_steps, "zero_terminal_snr": False},
         "prediction": cfg.prediction,
-        "data": {"name": data.name, "channels": data.channels, "resolution": data.resolution,
-                 "num_classes": data.num_classes},
+        "data": {"name": images.name, "channels": images.channels, "resolution": images.resolution,
+                 "num_classes": images.num_classes},
         "text_encoder": text_encoder_spec(cfg.text_encoder),
         "conditioning": "class" if cfg.class_conditional else ("text" if cfg.text_encoder else None),
         "ema": True,
         "train": asdict(cfg),
     }
+    if latents is not None:  # the weights are in every checkpoint's autoencoder.safetensors
+        config["autoencoder"] = {"config": latents.ae.config.to_dict(), **ae_source,
+                                 "latent_shape": [latents.channels, latents.resolution, latents.resolution],
+                                 "latent_std": latents.raw_std}
+    return config
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
-    has_run = (run_dir / "latest").exists() or (run_dir / "checkpoints").exists() or (run_dir / "log.jsonl").exists()
+class DiffusionJob(Job):
+    """The diffusion-specific part of a run: noised images (or latents), the denoising loss, preview
+    samples."""
+
+    def __init__(self, cfg: TrainConfig, data, images, net: UNet, schedule: NoiseSchedule, text_encoder,
+                 config: dict, device):
+        self.cfg, self.data, self.images, self.net, self.schedule = cfg, data, images, net, schedule
+        self.text_encoder, self.config, self.device = text_encoder, config, device
+        self.latent = isinstance(data, LatentData)
+        self.denoiser = Denoiser(net, schedule, cfg.prediction)
+
+    def check_resumable(self, saved: dict, folder: Path) -> None:
+        # older configs lack new fields: compare through UNetConfig
+        if UNetConfig.from_dict(saved["model"]["config"]).to_dict() != self.config["model"]["config"]:
+            raise ValueError(f"{folder} holds a different model than these settings; resume with the run's own settings")
+
+    def attach(self, model, ema) -> None:
+        self.denoiser = Denoiser(model, self.schedule, self.cfg.prediction)
+        self.ema = ema
+
+    def batch(self, step: int, rows: slice) -> dict:
+        # the global batch's data and randomness, then this rank's slice
+        cfg, data, device = self.cfg, self.data, self.device
+        idx = global_batch_indices(cfg.seed, step, cfg.batch_size, len(data))
+        g = _step_generator(cfg.seed, step, 1)
+        sigma = sample_training_sigmas(self.denoiser, cfg.batch_size, generator=g)
+        noise = torch.randn((cfg.batch_size, data.channels, data.resolution, data.resolution), generator=g)
+        flips = torch.rand(cfg.batch_size, generator=g) < 0.5
+        if self.latent:  # a fresh posterior sample of each cached latent, from its own stream
+            eps = torch.randn(noise.shape, generator=_step_generator(cfg.seed, step, 2))
+            x0, labels = data.sample(idx[rows], eps[rows])
+        else:
+            x0, labels = data.batch(idx[rows])
+        if cfg.flip:  # latents: flipping the latent grid stands in for encoding the flipped image
+            x0 = torch.where(flips[rows, None, None, None], x0.flip(-1), x0)
+        x0, sigma, noise = x0.to(device), sigma[rows].to(device), noise[rows].to(device)
+        class_labels = captions = None
+        if cfg.class_conditional or self.text_encoder is not None:  # drawn only then: unconditional runs keep their streams
+            drop = (torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout)[rows]
+            if cfg.class_conditional:
+                class_labels = torch.where(drop, data.num_classes, labels).to(device)
+            else:
+                captions = ["" if d else c for d, c in zip(drop.tolist(), data.captions(idx[rows]))]
+        return {"x0": x0, "sigma": sigma, "noise": noise, "class_labels": class_labels, "captions": captions}
+
+    def loss(self, batch: dict, part: slice):
+        # a learned encoder runs per micro-batch: each backward needs its own graph
+        if batch["class_labels"] is not None:
+            cond = {"class_labels": batch["class_labels"][part]}
+        elif batch["captions"] is not None:
+            cond = self.text_encoder(batch["captions"][part]).cond(pooled=True)
+        else:
+            cond = {}
+        value = diffusion_loss(self.denoiser, batch["x0"][part], sigma=batch["sigma"][part],
+                               noise=batch["noise"][part], weighting=self.cfg.weighting,
+                               min_snr_gamma=self.cfg.min_snr_gamma, **cond)
+        return value, {}
+
+    def preview(self, ema):
+        cfg, data = self.cfg, self.data
+        preview = preview_conditioning(cfg, data, getattr(ema, "text_encoder", self.text_encoder), self.device)
+        shape = (data.channels, data.resolution, data.resolution)
+        x = generate(Denoiser(ema, self.schedule, cfg.prediction), self.schedule, shape, cfg.num_samples,
+                     seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps, device=self.device,
+                     clip=None if self.latent else (-1.0, 1.0), **preview)
+        return decode_latents(data.ae, x, shape, check_scale=False) if self.latent else x
+
+    def extra_weights(self) -> dict:
+        return {AUTOENCODER_FILE: self.data.ae.state_dict()} if self.latent else {}
+
+
+def _latent_data(cfg: TrainConfig, images, device, resume: bool, run_dir: Path, progress: bool) -> tuple:
+    """The encoded data and a description of its autoencoder. A resumed run uses the autoencoder and
+    scale factor embedded in its checkpoint, so it continues on exactly the latents it started on."""
     if resume:
-        if not has_run:
-            raise ValueError(f"--resume: {run_dir} holds no run to resume")
-        return
-    if has_run and not overwrite:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if has_run and is_main:
-        for name in ("checkpoints", "samples"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("latest", "log.jsonl", "loss.png", "samples.png"):
-            (run_dir / name).unlink(missing_ok=True)
+        folder = resolve_checkpoint(run_dir)
+        ae, _ = load_autoencoder(folder, device)
+        source = {k: read_config(folder)["autoencoder"].get(k) for k in ("source", "step")}
+        scale = ae.config.scaling_factor
+    else:
+        ae, source = load_autoencoder(cfg.autoencoder, device)
+        scale = None
+    check_fits(ae, images, cfg.autoencoder)
+    data = LatentData(images, ae, device, scaling_factor=scale, progress=progress)
+    ae.config.scaling_factor = data.scaling_factor  # what config.json records and decode_latents divides by
+    return data, source
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Train (or resume) a run; returns the run folder."""
     run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name}")
     if resume:  # the run's own settings win, except the budget and output cadence the user gives now
-        saved = TrainConfig.from_dict(read_config(run_dir)["train"])
-        for name in ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every"):
-            setattr(saved, name, getattr(cfg, name))
-        saved.out, cfg = str(run_dir), saved
+        cfg = resumed_settings(TrainConfig, cfg, run_dir)
     cfg.validate()
     ddp, device = init_distributed(cfg.device)
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
-    if cfg.batch_size % (ddp.world * cfg.grad_accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by processes x grad-accum = {ddp.world * cfg.grad_accum}")
+    check_devices(cfg, ddp, device)
 
     # every setting is checked before --overwrite clears anything
-    data = load_dataset(cfg.data, cfg.resolution, cfg.channels)
-    _check_conditioning(cfg, data)
+    images = load_dataset(cfg.data, cfg.resolution, cfg.channels)
+    _check_conditioning(cfg, images)
+    data, ae_source = images, None
+    if cfg.autoencoder:
+        data, ae_source = _latent_data(cfg, images, device, resume, run_dir, progress and ddp.main)
     text_encoder = None
     if cfg.text_encoder:
         with torch.random.fork_rng():  # a learned encoder's initial weights follow --seed; other streams are untouched
             torch.manual_seed(cfg.seed)
             text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device)
-    _prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     model_config = _model_config(cfg, data, text_encoder.dim if text_encoder is not None else None)
-    ckpt_config = _checkpoint_config(cfg, model_config, data)
+    ckpt_config = _checkpoint_config(cfg, model_config, images, data if cfg.autoencoder else None, ae_source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = UNet(UNetConfig.from_dict(model_config)).to(device)
     if isinstance(text_encoder, LearnedEncoder):
         # trained jointly: as a submodule it is optimised, averaged (EMA), synced (DDP) and saved
         # (text_encoder.* in model.safetensors) with the U-Net, whose forward never touches it
         net.add_module("text_encoder", text_encoder)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
     schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_train_steps)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    start_step = 0
-    if resume:
-        folder = resolve_checkpoint(run_dir)
-        saved = read_config(folder)
-        if UNetConfig.from_dict(saved["model"]["config"]).to_dict() != model_config:  # older configs lack new fields
-            raise ValueError(f"{folder} holds a different model than these settings; resume with the run's own settings")
-        state = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
-        load_state_strict(net, state["model"], folder / "train_state.pt")
-        load_state_strict(ema, read_weights(folder / "model.safetensors"), folder / "model.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step = int(state["step"])
-    else:
-        torch.manual_seed(cfg.seed + ddp.rank)  # dropout masks differ across ranks
-    model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
-    denoiser = Denoiser(model, schedule, cfg.prediction)
-
-    log_path = run_dir / "log.jsonl"
-    history = read_log(log_path, upto=start_step)
-    if ddp.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _rewrite_log(log_path, history)
-
-    total = cfg.steps if cfg.steps is not None else (None if cfg.minutes else 2000)
-    deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    local = cfg.batch_size // ddp.world
-    micro = local // cfg.grad_accum
-
-    def checkpoint(step: int) -> None:
-        if ddp.main:
-            train_state = {"step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                           "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else {}}
-            save_checkpoint(run_dir, step, ckpt_config, ema.state_dict(), train_state)
-            _save_loss_plot(run_dir, history)
-        if ddp.world > 1:
-            dist.barrier()
-
-    def samples(step: int) -> None:
-        if not ddp.main:
-            return
-        with torch.no_grad():
-            preview = preview_conditioning(cfg, data, getattr(ema, "text_encoder", text_encoder), device)
-        x = generate(Denoiser(ema, schedule, cfg.prediction), schedule, (data.channels, data.resolution, data.resolution),
-                     cfg.num_samples, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps, device=device,
-                     clip=(-1.0, 1.0), **preview)
-        grid = image_grid(x)
-        save_image(grid, run_dir / "samples" / f"step-{step:08d}.png")
-        save_image(grid, run_dir / "samples.png")
-
-    bar = tqdm(total=total, initial=start_step, disable=not (progress and ddp.main), desc="train", unit="step",
-               dynamic_ncols=True)
-    step, window, t_window = start_step, [], time.monotonic()
-    last_save = time.monotonic()
-    net.train()
-    try:
-        while True:
-            now = time.monotonic()
-            stop = (total is not None and step >= total) or (deadline is not None and now >= deadline)
-            save_due = cfg.save_minutes is not None and now - last_save >= cfg.save_minutes * 60 and step > start_step
-            if ddp.world > 1:  # every rank must take the same decisions at the same step
-                flags = torch.tensor([float(stop), float(save_due)], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop, save_due = bool(flags[0].item()), bool(flags[1].item())
-            if stop:
-                break
-            if save_due and step % cfg.checkpoint_every:  # not already saved at this step
-                checkpoint(step)
-                samples(step)
-                last_save = now
-
-            # the global batch's data and randomness, then this rank's slice
-            idx = global_batch_indices(cfg.seed, step, cfg.batch_size, len(data))
-            g = _step_generator(cfg.seed, step, 1)
-            sigma = sample_training_sigmas(denoiser, cfg.batch_size, generator=g)
-            noise = torch.randn((cfg.batch_size, data.channels, data.resolution, data.resolution), generator=g)
-            flips = torch.rand(cfg.batch_size, generator=g) < 0.5
-            mine = slice(ddp.rank * local, (ddp.rank + 1) * local)
-            x0, labels = data.batch(idx[mine])
-            if cfg.flip:
-                x0 = torch.where(flips[mine, None, None, None], x0.flip(-1), x0)
-            x0, sigma, noise = x0.to(device), sigma[mine].to(device), noise[mine].to(device)
-            class_labels = captions = None
-            if cfg.class_conditional or text_encoder is not None:  # drawn only then: unconditional runs keep their streams
-                drop = (torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout)[mine]
-                if cfg.class_conditional:
-                    class_labels = torch.where(drop, data.num_classes, labels).to(device)
-                else:
-                    captions = ["" if d else c for d, c in zip(drop.tolist(), data.captions(idx[mine]))]
-
-            def micro_cond(part: slice) -> dict:
-                # a learned encoder runs per micro-batch: each backward needs its own graph
-                if class_labels is not None:
-                    return {"class_labels": class_labels[part]}
-                return text_encoder(captions[part]).cond(pooled=True) if captions is not None else {}
-
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total_loss = 0.0
-            for k in range(cfg.grad_accum):
-                part = slice(k * micro, (k + 1) * micro)
-                sync = ddp.world == 1 or k == cfg.grad_accum - 1
-                with (model.no_sync() if not sync else contextlib.nullcontext()), torch.autocast(
-                        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    value = diffusion_loss(denoiser, x0[part], sigma=sigma[part], noise=noise[part],
-                                           weighting=cfg.weighting, min_snr_gamma=cfg.min_snr_gamma,
-                                           **micro_cond(part))
-                    value = value / cfg.grad_accum
-                (scaler.scale(value) if scaler else value).backward()
-                total_loss += value.item()
-            if ddp.world > 1:
-                reduced = torch.tensor(total_loss, device=device)
-                dist.all_reduce(reduced)
-                total_loss = reduced.item() / ddp.world
-            if not math.isfinite(total_loss):
-                raise StopTraining(step)
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), net.parameters()):
-                    e.lerp_(p, 1 - decay)
-            step += 1
-
-            window.append(total_loss)
-            if step % cfg.log_every == 0 or step == total:
-                elapsed = time.monotonic() - t_window
-                record = {"step": step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": float(grad_norm),
-                          "steps_per_s": len(window) / max(elapsed, 1e-9), "time": time.time()}
-                history.append(record)
-                if ddp.main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                window, t_window = [], time.monotonic()
-            bar.update(1)
-            postfix = {"loss": f"{total_loss:.4f}", "lr": f"{lr:.1e}"}
-            if deadline is not None:  # a minutes budget: tqdm cannot know the ETA, so show the time left
-                postfix["left"] = time.strftime("%M:%S", time.gmtime(max(0.0, deadline - time.monotonic())))
-            bar.set_postfix(postfix)
-            if step % cfg.checkpoint_every == 0:
-                checkpoint(step)
-                last_save = time.monotonic()
-            if step % cfg.sample_every == 0:
-                samples(step)
-    except StopTraining:
-        bar.close()
-        latest = run_dir / "latest"
-        kept = latest.read_text().strip() if latest.exists() else "none (no checkpoint was written yet)"
-        raise ValueError(f"the loss became non-finite at step {step + 1}; training stopped. The last good checkpoint "
-                         f"is {kept} in {run_dir}; try a lower --lr or --precision fp32") from None
-    bar.close()
-    if step > start_step or not (run_dir / "latest").exists():
-        if step % cfg.checkpoint_every:
-            checkpoint(step)
-        if step % cfg.sample_every:
-            samples(step)
-    if ddp.world > 1:
-        dist.barrier()
-    return run_dir
+    job = DiffusionJob(cfg, data, images, net, schedule, text_encoder, ckpt_config, device)
+    return fit(cfg, job, run_dir, ddp, device, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def preview_conditioning(cfg: TrainConfig, data, text_encoder, device) -> dict:
@@ -461,29 +308,3 @@ def preview_conditioning(cfg: TrainConfig, data, text_encoder, device) -> dict:
         return {"cond": text_encoder(captions).cond(pooled=True), "uncond": text_encoder([""]).cond(pooled=True),
                 "guidance": cfg.sample_guidance}
     return {}
-
-
-def read_log(path: Path, upto: float = math.inf) -> list[dict]:
-    """The records of a run's log.jsonl up to step `upto`; a line cut by a crash is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if record.get("step", 0) <= upto:
-            records.append(record)
-    return records
-
-
-def _rewrite_log(path: Path, records: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def _save_loss_plot(run_dir: Path, history: list[dict]) -> None:
-    if history:
-        plot = line_plot([r["step"] for r in history], [r["loss"] for r in history], title="training loss (log scale)")
-        save_image(plot, run_dir / "loss.png")
