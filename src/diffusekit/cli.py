@@ -11,6 +11,7 @@ import torch
 from .evaluate import add_eval_parser
 from .pipelines.edit import add_edit_parsers
 from .pipelines.stable_diffusion import add_stable_diffusion_parsers
+from .pipelines.superres import add_superres_parsers
 from .schedules import SCHEDULE_NAMES, BETA_SCHEDULES, NoiseSchedule
 
 
@@ -57,7 +58,10 @@ def _train(args) -> None:
         given["minutes"] = 4.0  # the default budget: a few minutes on a laptop CPU
     run_dir = train(TrainConfig(**given), resume=args.resume, overwrite=args.overwrite)
     print(f"run saved in {run_dir}: samples.png, loss.png, log.jsonl, checkpoints/")
-    print(f"sample from it: diffusekit sample {run_dir} -o grid.png")
+    if given.get("task") == "superres":
+        print(f"upscale with it: diffusekit upscale {run_dir} --image small.png -o large.png")
+    else:
+        print(f"sample from it: diffusekit sample {run_dir} -o grid.png")
 
 
 def _sample(args) -> None:
@@ -76,6 +80,9 @@ def _sample(args) -> None:
         if not prompts:
             raise ValueError(f"{args.prompt_file} holds no prompts (one per line)")
     model = load(args.run_dir, device=args.device or "cpu")
+    if model.config.get("superres"):
+        raise ValueError(f"{model.path} is a super-resolution model: it needs a low-resolution image, "
+                         "use `diffusekit upscale` (or `diffusekit cascade` after a base model)")
     device = args.device or "cpu"
     cond, uncond = model.conditioning(args.n, class_labels=args.class_label, prompts=prompts or None,
                                       negative_prompt=args.negative_prompt, device=device)
@@ -149,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", help="condition on captions: minilm (packaged, frozen), learned (trained jointly) or clip:PATH")
     p.add_argument("--autoencoder", metavar="AE_DIR", help="latent diffusion: train on the latents of this "
                    "train-autoencoder run (embedded in the run, with a scale factor estimated from the data)")
+    p.add_argument("--task", choices=("generate", "superres"),
+                   help="generate (default) or superres: an SR3 model that upscales the data by --scale")
+    p.add_argument("--scale", type=int, help="superres: the upscaling factor (default 2)")
+    p.add_argument("--aug-max", type=float, help="superres: highest noise-conditioning augmentation level in "
+                   "training, a fraction of the schedule (default 0.5)")
     p.add_argument("--cond-dropout", type=float, help="how often labels/captions are dropped (default 0.1)")
     p.add_argument("--sample-guidance", type=float, help="guidance scale of the preview grids (default 3)")
     p.add_argument("--weighting", help="uniform or min_snr")
@@ -196,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_edit_parsers(sub)
     add_stable_diffusion_parsers(sub)
+    add_superres_parsers(sub)
 
     from .bench import samplers as bench_samplers
 

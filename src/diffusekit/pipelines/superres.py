@@ -42,11 +42,13 @@ def upsample(low: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def augment(low_up: Tensor, level, schedule: NoiseSchedule, generator=None) -> tuple[Tensor, Tensor]:
+def augment(low_up: Tensor, level, schedule: NoiseSchedule, generator=None, noise: Tensor | None = None
+            ) -> tuple[Tensor, Tensor]:
     """Noise-conditioning augmentation: (the noised conditioning image, its `aug_level` for the U-Net).
 
     `level` (a float or a [B] tensor of fractions in [0, 1]) maps to timestep t = level (T - 1);
-    the image becomes sqrt(abar_t) x + sqrt(1 - abar_t) eps (level 0: unchanged) and aug_level = t."""
+    the image becomes sqrt(abar_t) x + sqrt(1 - abar_t) eps (level 0: unchanged) and aug_level = t.
+    eps is drawn from `generator` (one or one per image), or given as `noise`."""
     if not schedule.is_discrete:
         raise ValueError("noise-conditioning augmentation needs a discrete schedule (it embeds a timestep)")
     level = torch.as_tensor(level, dtype=torch.float64).expand(low_up.shape[0]).clone()
@@ -57,13 +59,14 @@ def augment(low_up: Tensor, level, schedule: NoiseSchedule, generator=None) -> t
     shape = (-1,) + (1,) * (low_up.ndim - 1)
     a = (1 / torch.sqrt(1 + sigma**2)).to(low_up.dtype).reshape(shape).to(low_up.device)
     s = (sigma / torch.sqrt(1 + sigma**2)).to(low_up.dtype).reshape(shape).to(low_up.device)
-    noised = a * low_up + s * randn_like(low_up, generator)
+    noised = a * low_up + s * (randn_like(low_up, generator) if noise is None else noise)
     return noised, t.to(torch.float32).to(low_up.device)
 
 
-def sr_conditioning(low: Tensor, size: tuple[int, int], level, schedule: NoiseSchedule, generator=None) -> dict:
+def sr_conditioning(low: Tensor, size: tuple[int, int], level, schedule: NoiseSchedule, generator=None,
+                    noise: Tensor | None = None) -> dict:
     """The U-Net keywords for low-resolution images `low`: the augmented upsampled image and its level."""
-    concat, aug_level = augment(upsample(low, size), level, schedule, generator)
+    concat, aug_level = augment(upsample(low, size), level, schedule, generator, noise)
     return {"concat": concat, "aug_level": aug_level}
 
 
@@ -98,4 +101,140 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
     return 10 * torch.log10(4 / mse.clamp(min=1e-12))
 
 
-__all__ = ["augment", "degrade", "psnr", "sr_conditioning", "upsample", "upscale"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained models: the cascade, and the `diffusekit upscale` / `diffusekit cascade` commands
+# ---------------------------------------------------------------------------------------------
+
+
+def superres_settings(model) -> dict:
+    """The super-resolution section of a trained model's config ({"scale", "aug_max"}), or an error."""
+    settings = model.config.get("superres")
+    if not settings:
+        raise ValueError(f"{model.path} is not a super-resolution model; train one with "
+                         "`diffusekit train --task superres --scale 2 ...`")
+    return settings
+
+
+@torch.no_grad()
+def cascade(base, sr, n: int, *, prompts=None, class_labels=None, negative_prompt: str | None = None, seed: int = 0,
+            aug: float = 0.1, base_options: dict | None = None, sr_options: dict | None = None,
+            device="cpu", progress: bool = False) -> tuple[Tensor, Tensor]:
+    """An Imagen-style cascade of two trained models: `base` draws n images at its resolution, `sr`
+    (a super-resolution model whose input size is the base's output size) upscales them, its input
+    noised to augmentation level `aug`. Each stage takes its own sampler settings (`base_options`,
+    `sr_options`: sampler, steps, spacing, guidance, threshold, ...) and its own conditioning from the
+    same prompts (or class labels). Returns (low, high) in [-1, 1]."""
+    settings = superres_settings(sr)
+    channels, side, _ = base.image_shape
+    sr_channels, sr_side, _ = sr.image_shape
+    if (channels, side * settings["scale"]) != (sr_channels, sr_side):
+        raise ValueError(f"the base model makes {channels}x{side}x{side} images but the super-resolution model "
+                         f"takes {sr_channels}x{sr_side // settings['scale']}x{sr_side // settings['scale']}")
+    stages = []
+    for model, options in ((base, base_options), (sr, sr_options)):
+        options = {"guidance": 1.0, **(options or {})}
+        cond, uncond = model.conditioning(n, class_labels=class_labels, prompts=prompts,
+                                          negative_prompt=negative_prompt, device=device)
+        if cond is None:
+            options["guidance"] = 1.0
+        if options.get("threshold") is None:
+            options.setdefault("clip", model.sample_clip)
+        stages.append((model, options, cond, uncond))
+    (model, options, cond, uncond), (sr_model, sr_opts, sr_cond, sr_uncond) = stages
+    low = model.decode(generate(model.denoiser, model.schedule, model.sample_shape, n, seed=seed, cond=cond,
+                                uncond=uncond, device=device, progress=progress, **options))
+    high = upscale(sr_model.denoiser, sr_model.schedule, low.to(device), settings["scale"], aug=aug, seed=seed,
+                   cond=sr_cond, uncond=sr_uncond, device=device, progress=progress, **sr_opts)
+    return low.clamp(-1, 1), high.clamp(-1, 1)
+
+
+def _stage_options(args, prefix: str) -> dict:
+    get = lambda name: getattr(args, f"{prefix}{name}")  # noqa: E731
+    return {"sampler": get("sampler"), "steps": get("steps"), "spacing": get("spacing"), "guidance": get("guidance"),
+            "threshold": get("threshold")}
+
+
+def _run_upscale(args) -> None:
+    from ..images import load_image, pil_to_tensor, save_image, tensor_to_pil
+    from ..train import load
+
+    model = load(args.run_dir, device=args.device)
+    settings = superres_settings(model)
+    channels = model.image_shape[0]
+    low = pil_to_tensor(load_image(args.image, "L" if channels == 1 else "RGB"))[None].to(args.device)
+    cond, uncond = model.conditioning(1, class_labels=args.class_label, prompts=args.prompt,
+                                      negative_prompt=args.negative_prompt, device=args.device)
+    high = upscale(model.denoiser, model.schedule, low, settings["scale"], aug=args.aug, seed=args.seed, cond=cond,
+                   uncond=uncond, guidance=args.guidance if cond is not None else 1.0, sampler=args.sampler,
+                   steps=args.steps, spacing=args.spacing, threshold=args.threshold,
+                   clip=None if args.threshold is not None else model.sample_clip, device=args.device, progress=True)
+    save_image(tensor_to_pil(high[0]), args.output)
+    print(f"wrote {args.output} ({low.shape[-1]}x{low.shape[-2]} -> {high.shape[-1]}x{high.shape[-2]}, augmentation "
+          f"level {args.aug}, {args.sampler}, {args.steps} steps, seed {args.seed}) from {model.path}")
+
+
+def _run_cascade(args) -> None:
+    from ..images import image_grid, save_image
+    from ..train import load
+
+    base, sr = load(args.base_run, device=args.device), load(args.sr_run, device=args.device)
+    low, high = cascade(base, sr, args.n, prompts=args.prompt, class_labels=args.class_label,
+                        negative_prompt=args.negative_prompt, seed=args.seed, aug=args.aug,
+                        base_options=_stage_options(args, "base_"), sr_options=_stage_options(args, "sr_"),
+                        device=args.device, progress=True)
+    save_image(image_grid(high), args.output)
+    if args.low_output:
+        save_image(image_grid(low), args.low_output)
+    print(f"wrote {args.output} ({args.n} images, {low.shape[-1]} -> {high.shape[-1]} px) from {base.path} + {sr.path}")
+
+
+def _add_stage(p, prefix: str, label: str, guidance: float, threshold: float | None) -> None:
+    flag = f"--{prefix.replace('_', '-')}"
+    p.add_argument(f"{flag}sampler", default="dpmpp_2m", help=f"{label}: sampler (default dpmpp_2m)")
+    p.add_argument(f"{flag}steps", type=int, default=25, help=f"{label}: steps (default 25)")
+    p.add_argument(f"{flag}spacing", default="karras", help=f"{label}: sigma spacing (default karras)")
+    p.add_argument(f"{flag}guidance", type=float, default=guidance, help=f"{label}: guidance scale (default {guidance})")
+    p.add_argument(f"{flag}threshold", type=float, default=threshold,
+                   help=f"{label}: dynamic thresholding percentile (default {threshold}; none: plain clamping)")
+
+
+def add_superres_parsers(subparsers) -> None:
+    """`diffusekit upscale` and `diffusekit cascade`."""
+    p = subparsers.add_parser("upscale", help="super-resolve an image with a --task superres model")
+    p.add_argument("run_dir", metavar="RUN", help="a super-resolution run or checkpoint folder")
+    p.add_argument("--image", required=True, help="the low-resolution image")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--aug", type=float, default=0.0, help="augmentation level of the input in [0, 1] (default 0)")
+    p.add_argument("--prompt", help="text-conditioned models: the prompt")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--class", dest="class_label", type=int, metavar="K", help="class-conditioned models: the class")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--spacing", default="karras")
+    p.add_argument("--threshold", type=float, help="dynamic thresholding percentile (e.g. 0.995)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_run_upscale)
+
+    p = subparsers.add_parser("cascade", help="a base model and a super-resolution stage, as Imagen")
+    p.add_argument("base_run", metavar="BASE_RUN")
+    p.add_argument("sr_run", metavar="SR_RUN")
+    p.add_argument("--prompt", help="the prompt (text models)")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--class", dest="class_label", type=int, metavar="K", help="the class (class models)")
+    p.add_argument("-n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("-o", "--output", required=True, help="grid of the final images")
+    p.add_argument("--low-output", help="also write the base stage's grid here")
+    p.add_argument("--aug", type=float, default=0.1, help="augmentation level of the base samples (default 0.1)")
+    _add_stage(p, "base_", "base stage", 3.0, 0.995)
+    _add_stage(p, "sr_", "super-resolution stage", 1.0, 0.995)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_run_cascade)
+
+
+__all__ = ["add_superres_parsers", "augment", "cascade", "degrade", "psnr", "sr_conditioning", "superres_settings",
+           "upsample", "upscale"]

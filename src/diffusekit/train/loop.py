@@ -23,6 +23,7 @@ from ..forward import WEIGHTINGS, loss as diffusion_loss, sample_training_sigmas
 from ..nn.text import LearnedEncoder, build_text_encoder
 from ..nn.unet import PRESETS, UNet, UNetConfig, preset
 from ..pipelines.generate import generate
+from ..pipelines.superres import degrade, sr_conditioning, upscale
 from ..schedules import BETA_SCHEDULES, NoiseSchedule
 from .checkpoint import FORMAT, VERSION, read_config, resolve_checkpoint
 from .core import (Dist, Job, StopTraining, check_devices, config_from_dict, fit, global_batch_indices,  # noqa: F401
@@ -48,6 +49,9 @@ class TrainConfig:
     class_conditional: bool = False  # condition on the data's labels (classifier-free guidance ready)
     text_encoder: str | None = None  # condition on captions through cross-attention: minilm | learned | clip:PATH
     autoencoder: str | None = None  # latent diffusion: a train-autoencoder run (or diffusers AutoencoderKL folder)
+    task: str = "generate"  # generate | superres (SR3: the U-Net also sees the image downsampled by `scale`)
+    scale: int = 2  # superres: the upscaling factor
+    aug_max: float = 0.5  # superres: training noises the low-resolution input to a level drawn from [0, aug_max]
     cond_dropout: float = 0.1  # labels/captions dropped to "unconditional" this often (for guidance)
     sample_guidance: float = 3.0  # guidance scale of the preview grids of conditional runs
     weighting: str = "min_snr"  # min-SNR-5 converges faster than L_simple (Hang et al. 2023)
@@ -96,6 +100,15 @@ class TrainConfig:
             fail("cond_dropout", "must lie in [0, 1)")
         if self.sample_guidance < 0:
             fail("sample_guidance", "must be >= 0")
+        if self.task not in ("generate", "superres"):
+            fail("task", f"unknown {self.task!r}; valid: generate, superres")
+        if self.task == "superres":
+            if not isinstance(self.scale, int) or self.scale < 2:
+                fail("scale", f"must be an integer >= 2, got {self.scale!r}")
+            if not 0 <= self.aug_max <= 1:
+                fail("aug_max", f"must lie in [0, 1], got {self.aug_max}")
+            if self.autoencoder:
+                fail("task", "super-resolution works in pixel space; leave out --autoencoder")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -123,6 +136,8 @@ def _model_config(cfg: TrainConfig, data, text_dim: int | None) -> dict:
         overrides["num_classes"] = data.num_classes
     if text_dim is not None:
         overrides.update(attention_type="transformer", context_dim=text_dim, pooled_context_dim=text_dim)
+    if cfg.task == "superres":  # the upsampled low-resolution image beside the input, and its noise level
+        overrides.update(concat_channels=data.channels, augmentation_embedding=True)
     try:
         return preset(name, **overrides).to_dict()
     except ValueError as e:
@@ -149,6 +164,9 @@ def _check_conditioning(cfg: TrainConfig, data) -> None:
         raise ValueError(f"--class-conditional needs labelled data (digits, mnist); {data.name} has no labels")
     if cfg.text_encoder and not hasattr(data, "captions"):
         raise ValueError(f"--text-encoder needs captioned data (shapes); {data.name} has no captions")
+    if cfg.task == "superres" and data.resolution % cfg.scale:
+        raise ValueError(f"--scale {cfg.scale} does not divide the {data.resolution}px images; pick a --resolution "
+                         f"that is a multiple of it")
 
 
 def _checkpoint_config(cfg: TrainConfig, model_config: dict, images, latents: LatentData | None,
@@ -166,6 +184,8 @@ def _checkpoint_config(cfg: TrainConfig, model_config: dict, images, latents: La
         "ema": True,
         "train": asdict(cfg),
     }
+    if cfg.task == "superres":  # what `diffusekit upscale` and `cascade` read
+        config["superres"] = {"scale": cfg.scale, "aug_max": cfg.aug_max}
     if latents is not None:  # the weights are in every checkpoint's autoencoder.safetensors
         config["autoencoder"] = {"config": latents.ae.config.to_dict(), **ae_source,
                                  "latent_shape": [latents.channels, latents.resolution, latents.resolution],
@@ -216,7 +236,12 @@ class DiffusionJob(Job):
                 class_labels = torch.where(drop, data.num_classes, labels).to(device)
             else:
                 captions = ["" if d else c for d, c in zip(drop.tolist(), data.captions(idx[rows]))]
-        return {"x0": x0, "sigma": sigma, "noise": noise, "class_labels": class_labels, "captions": captions}
+        batch = {"x0": x0, "sigma": sigma, "noise": noise, "class_labels": class_labels, "captions": captions}
+        if cfg.task == "superres":  # drawn last and only then: the other streams stay as they were
+            level = torch.rand(cfg.batch_size, generator=g)[rows] * cfg.aug_max
+            aug_noise = torch.randn(noise.shape, generator=_step_generator(cfg.seed, step, 3))[rows].to(device)
+            batch.update(sr_conditioning(degrade(x0, cfg.scale), x0.shape[-2:], level, self.schedule, noise=aug_noise))
+        return batch
 
     def loss(self, batch: dict, part: slice):
         # a learned encoder runs per micro-batch: each backward needs its own graph
@@ -226,6 +251,8 @@ class DiffusionJob(Job):
             cond = self.text_encoder(batch["captions"][part]).cond(pooled=True)
         else:
             cond = {}
+        if "concat" in batch:
+            cond.update(concat=batch["concat"][part], aug_level=batch["aug_level"][part])
         value = diffusion_loss(self.denoiser, batch["x0"][part], sigma=batch["sigma"][part],
                                noise=batch["noise"][part], weighting=self.cfg.weighting,
                                min_snr_gamma=self.cfg.min_snr_gamma, **cond)
@@ -235,6 +262,11 @@ class DiffusionJob(Job):
         cfg, data = self.cfg, self.data
         preview = preview_conditioning(cfg, data, getattr(ema, "text_encoder", self.text_encoder), self.device)
         shape = (data.channels, data.resolution, data.resolution)
+        if cfg.task == "superres":  # the first images' low-resolution versions, upscaled (clean inputs)
+            truth = data.batch(torch.arange(cfg.num_samples) % len(data))[0].to(self.device)
+            return upscale(Denoiser(ema, self.schedule, cfg.prediction), self.schedule, degrade(truth, cfg.scale),
+                           cfg.scale, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps, device=self.device,
+                           clip=(-1.0, 1.0), **preview)
         x = generate(Denoiser(ema, self.schedule, cfg.prediction), self.schedule, shape, cfg.num_samples,
                      seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps, device=self.device,
                      clip=None if self.latent else (-1.0, 1.0), **preview)
