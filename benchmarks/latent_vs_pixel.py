@@ -33,7 +33,7 @@ from diffusekit.metrics import frechet_distance
 from diffusekit.metrics.shapes import prompt_adherence
 from diffusekit.pipelines import generate
 from diffusekit.train import AutoencoderTrainConfig, TrainConfig, load, load_autoencoder, train, train_autoencoder
-from diffusekit.train.autoencoder import psnr
+from diffusekit.images import psnr
 from diffusekit.train.loop import read_log
 
 SIZE = 64

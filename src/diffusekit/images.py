@@ -95,3 +95,9 @@ def line_plot(xs, ys, *, title: str = "", size=(640, 360), log_y: bool = True) -
     draw.text((left, bottom + 8), f"{xs.min():.0f}", fill="black", font=font)
     draw.text((right - 40, bottom + 8), f"{xs.max():.0f}", fill="black", font=font)
     return image
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image, for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)

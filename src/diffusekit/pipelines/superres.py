@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..images import psnr  # noqa: F401  (re-exported: the SR benchmark's measure)
 from ..sampling import randn_like, seeded_generators
 from ..schedules import NoiseSchedule
 from .generate import generate
@@ -93,14 +94,6 @@ def upscale(denoiser, schedule: NoiseSchedule, low: Tensor, scale: int, *, aug: 
         uncond = {**{k: (v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v) for k, v in uncond.items()}, **sr}
     return generate(denoiser, schedule, (channels, *size), n, seed=seed, cond=cond, uncond=uncond,
                     guidance=guidance, **generate_options)
-
-
-def psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Peak signal-to-noise ratio in dB per image, for images in [-1, 1] (peak-to-peak 2)."""
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(4 / mse.clamp(min=1e-12))
-
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import load_dataset
+from ..images import psnr
 from ..nn.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from .checkpoint import FORMAT, VERSION
 from .core import (Job, check_devices, config_from_dict, fit, global_batch_indices, init_distributed,
@@ -112,12 +113,6 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
 
 
 class AutoencoderJob(Job):
