@@ -53,6 +53,7 @@ PIXEL_REFERENCE = 2000  # real images (at most) the pixel metrics compare with
 GRID_IMAGES = 100  # samples shown in the report's grid
 GALLERY_PROMPTS = 8  # text models: prompted samples shown per split, with their captions
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+DASHES = ("", "7 4", "2 3", "9 3 2 3")
 
 
 # -- what to ask for and how to score it, per kind of data ----------------------------------------
@@ -734,16 +735,20 @@ def svg_chart(series: list[tuple[str, list[tuple[float, float]]]], *, x_label: s
                      f'fill="#666">{html.escape(vline[1])}</text>')
     for i, (name, pts) in enumerate(series):
         colour = COLOURS[i % len(COLOURS)]
+        # series that coincide (two samplers with equal scores) must stay visible: each later one is
+        # dashed differently and has smaller markers, drawn over the earlier ones
+        dash = f' stroke-dasharray="{DASHES[i % len(DASHES)]}"' if i % len(DASHES) else ""
+        radius = max(2.0, 4.5 - 1.0 * i)
         pts = sorted((x, y) for x, y in pts if y is not None and (not log_y or y > 0))
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
         if points:
-            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}"><title>{html.escape(name)}: '
-                      f'{y:.4g} at {x:g}</title></circle>' for x, y in pts]
+            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}" fill="{colour}"><title>'
+                      f'{html.escape(name)}: {y:.4g} at {x:g}</title></circle>' for x, y in pts]
         if len(series) > 1:
             ly = top + 10 + 20 * i
             parts.append(f'<line x1="{right + 14}" x2="{right + 36}" y1="{ly}" y2="{ly}" stroke="{colour}" '
-                         f'stroke-width="2"/><text x="{right + 42}" y="{ly + 4}">{html.escape(name)}</text>')
+                         f'stroke-width="2"{dash}/><text x="{right + 42}" y="{ly + 4}">{html.escape(name)}</text>')
     if mark is not None:
         x, y = px(mark[0]), py(mark[1])
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="8" fill="none" stroke="#111" stroke-width="1.5"/>'
