@@ -203,7 +203,8 @@ def test_bad_inputs_raise_value_errors():
         inpaint(d, SCHED, image, RIGHT_HALF, steps=4)  # default jump 10 does not fit 4 steps
     with pytest.raises(ValueError, match="uncond"):
         inpaint(d, SCHED, image, RIGHT_HALF, steps=4, method="replace", guidance=3.0)
-    for strength in (0, 1.5, -0.2, float("nan")):
+    assert torch.equal(img2img(d, SCHED, image, strength=0, steps=5), image)  # nothing runs
+    for strength in (1.5, -0.2, float("nan")):
         with pytest.raises(ValueError, match="strength"):
             img2img(d, SCHED, image, strength=strength)
     with pytest.raises(ValueError, match="NaN"):
@@ -291,4 +292,4 @@ def test_cli_main_wires_the_edit_commands(run, tmp_path, capsys):
         pytest.skip("cli.py does not call add_edit_parsers yet")
     source = _png(tmp_path / "in.png", np.zeros((8, 8)))
     assert main(["img2img", str(run), "--image", str(source), "--strength", "2", "-o", str(tmp_path / "o.png")]) == 2
-    assert capsys.readouterr().err.strip().endswith("strength must lie in (0, 1], got 2.0")
+    assert capsys.readouterr().err.strip().endswith("strength must lie in [0, 1] (0 returns the input, 1 ignores it), got 2.0")

@@ -61,7 +61,7 @@ class _Spy:
 def test_upscale_passes_the_augmented_image_and_seeds_per_image():
     low = torch.rand(3, 1, 4, 4) * 2 - 1
     spy = _Spy()
-    out = upscale(spy, SCHED, low, 2, aug=0.0, steps=3, sampler="euler")
+    out = upscale(spy, SCHED, low, 2, aug=0.0, steps=3, sampler="euler", consistent=False)
     assert out.shape == (3, 1, 8, 8)
     torch.testing.assert_close(spy.calls[0]["concat"], upsample(low, (8, 8)))  # level 0: the clean image
     assert torch.equal(spy.calls[0]["aug_level"], torch.zeros(3))
@@ -110,6 +110,14 @@ def test_superres_training_resumes_exactly_and_upscales(tmp_path):
 
     assert Image.open(tmp_path / "up.png").size == (16, 16)
     assert main(["sample", str(straight), "-o", str(tmp_path / "g.png")]) != 0  # needs a low-resolution image
+    assert main(["upscale", str(straight), "--image", str(tmp_path / "low.png"), "-o", str(tmp_path / "x.png"),
+                 "--scale", "4"]) != 0  # trained for 2
+    # consistency (default at aug 0): the upscale downsampled gives the input back, even from a
+    # barely trained model; without it, it does not
+    consistent = upscale(model.denoiser, model.schedule, low, 2, steps=3)
+    torch.testing.assert_close(degrade(consistent, 2), low, atol=1e-5, rtol=0)
+    free = upscale(model.denoiser, model.schedule, low, 2, steps=3, consistent=False)
+    assert (degrade(free, 2) - low).abs().max() > 1e-2
 
 
 def test_superres_settings_are_checked(tmp_path):

@@ -159,9 +159,11 @@ def img2img_sigmas(sigmas: Tensor, strength: float) -> Tensor:
     """The tail of a whole sampling sequence that img2img walks: diffusers' rule, the last
     floor(steps * strength) steps (at least one), so the first (1 - strength) of the schedule is
     skipped. (The 1e-9 keeps 0.57 * 100 = 56.999... at 57.)"""
-    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-        raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+    if not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
+        raise ValueError(f"strength must lie in [0, 1] (0 returns the input, 1 ignores it), got {strength!r}")
     steps = len(sigmas) - 1
+    if strength == 0:  # nothing to run: the sequence is just its final level
+        return sigmas[-1:]
     run = min(steps, max(1, math.floor(steps * strength + 1e-9)))
     return sigmas[steps - run:]
 
@@ -175,7 +177,7 @@ def img2img(denoiser, schedule: NoiseSchedule, image: Tensor, *, strength: float
     """SDEdit (Meng et al. 2022): noise `image` [B, C, ...] to the level where `strength` enters the
     schedule (`img2img_sigmas`) and sample down from there with any sampler; [B, C, ...].
 
-    Small strength keeps the input's layout and detail, strength 1 ignores the input: the full
+    Small strength keeps the input's layout and detail (0 returns it unchanged), strength 1 ignores the input: the full
     schedule starts from pure noise exactly as `generate` does (noise * sqrt(1 + sigma_max^2) for a
     VP model), and with the same seed gives the same images. Below 1 the start is the exact forward
     sample x0 + sigma eps. Conditioning, guidance and clip work as in `generate`; `sigmas` (a whole
@@ -183,6 +185,8 @@ def img2img(denoiser, schedule: NoiseSchedule, image: Tensor, *, strength: float
     _check_common(image, steps, cond, uncond, guidance, sampler, batch_size)
     full = schedule.get_sigmas(steps, spacing) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
     sigmas = img2img_sigmas(full, strength)
+    if len(sigmas) == 1:  # strength 0: the input, untouched
+        return image.clone()
     batch = image.shape[0]
     out = []
     for start in range(0, batch, batch_size):

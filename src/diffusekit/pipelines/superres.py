@@ -72,15 +72,38 @@ def sr_conditioning(low: Tensor, size: tuple[int, int], level, schedule: NoiseSc
 
 
 @torch.no_grad()
+class ConsistentDenoiser(torch.nn.Module):
+    """Makes every denoised estimate agree with the low-resolution image exactly: x0 + N(y - A x0),
+    with A the box downsampling and N nearest upsampling (A N = I, so A of the result is y). This
+    is the range-null-space projection of DDNM (Wang et al. 2023) for this degradation: it fixes
+    what the low-resolution image determines (each block's mean) and leaves the model free in what
+    it does not (the detail inside the blocks). The image arrives as the `low` keyword, so it is
+    batched and split like any other conditioning."""
+
+    def __init__(self, denoiser, scale: int):
+        super().__init__()
+        self.denoiser, self.scale = denoiser, scale
+
+    def forward(self, x: Tensor, sigma: Tensor, low: Tensor, **cond) -> Tensor:
+        x0 = self.denoiser(x, sigma, **cond)
+        return x0 + F.interpolate(low.to(x0.dtype) - degrade(x0, self.scale), scale_factor=self.scale, mode="nearest")
+
+
+@torch.no_grad()
 def upscale(denoiser, schedule: NoiseSchedule, low: Tensor, scale: int, *, aug: float = 0.0, seed: int = 0,
-            cond: dict | None = None, uncond: dict | None = None, guidance: float = 1.0, **generate_options) -> Tensor:
+            consistent: bool | None = None, cond: dict | None = None, uncond: dict | None = None,
+            guidance: float = 1.0, **generate_options) -> Tensor:
     """Super-resolve [B, C, h, w] images in [-1, 1] to [B, C, h scale, w scale] with an SR model.
 
     `aug` is the augmentation level the low-resolution input is noised to (0: trust it exactly;
-    0.1-0.3 for a cascade's generated inputs). Image i depends only on (seed, i). `cond` / `uncond`
-    carry text or class conditioning for a conditional SR stage; guidance acts on those, both passes
-    seeing the same low-resolution image. Other options go to `generate` (sampler, steps, spacing,
-    threshold, clip, progress, batch_size, device)."""
+    0.1-0.3 for a cascade's generated inputs). `consistent` (default: when aug is 0) projects every
+    denoised estimate onto the images whose box-downsampling is `low` (`ConsistentDenoiser`), so the
+    result downsampled gives the input back exactly; a cascade's inputs carry the base model's
+    errors, which the augmentation is there to let the SR stage correct, so it is off there.
+    Image i depends only on (seed, i). `cond` / `uncond` carry text or class conditioning for a
+    conditional SR stage; guidance acts on those, both passes seeing the same low-resolution image.
+    Other options go to `generate` (sampler, steps, spacing, threshold, clip, progress, batch_size,
+    device)."""
     if low.ndim != 4:
         raise ValueError(f"low-resolution images must be [B, C, h, w], got shape {tuple(low.shape)}")
     if not torch.isfinite(low).all():
@@ -89,6 +112,9 @@ def upscale(denoiser, schedule: NoiseSchedule, low: Tensor, scale: int, *, aug: 
     size = (h * scale, w * scale)
     gens = seeded_generators(seed + _AUGMENT_STREAM, n)
     sr = sr_conditioning(low, size, aug, schedule, gens)
+    if aug == 0 if consistent is None else consistent:
+        denoiser = ConsistentDenoiser(denoiser, scale)
+        sr["low"] = low
     cond = {**(cond or {}), **sr}
     if uncond is not None:
         uncond = {**{k: (v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v) for k, v in uncond.items()}, **sr}
@@ -155,11 +181,15 @@ def _run_upscale(args) -> None:
 
     model = load(args.run_dir, device=args.device)
     settings = superres_settings(model)
+    if args.scale is not None and args.scale != settings["scale"]:
+        raise ValueError(f"{model.path} was trained to upscale by {settings['scale']}, not {args.scale}; "
+                         f"chain two stages (diffusekit cascade) or train a --scale {args.scale} model")
     channels = model.image_shape[0]
     low = pil_to_tensor(load_image(args.image, "L" if channels == 1 else "RGB"))[None].to(args.device)
     cond, uncond = model.conditioning(1, class_labels=args.class_label, prompts=args.prompt,
                                       negative_prompt=args.negative_prompt, device=args.device)
-    high = upscale(model.denoiser, model.schedule, low, settings["scale"], aug=args.aug, seed=args.seed, cond=cond,
+    high = upscale(model.denoiser, model.schedule, low, settings["scale"], aug=args.aug, seed=args.seed,
+                   consistent=False if args.inconsistent else None, cond=cond,
                    uncond=uncond, guidance=args.guidance if cond is not None else 1.0, sampler=args.sampler,
                    steps=args.steps, spacing=args.spacing, threshold=args.threshold,
                    clip=None if args.threshold is not None else model.sample_clip, device=args.device, progress=True)
@@ -199,7 +229,10 @@ def add_superres_parsers(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN", help="a super-resolution run or checkpoint folder")
     p.add_argument("--image", required=True, help="the low-resolution image")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--scale", type=int, help="the factor to check against the model's (it upscales by its own)")
     p.add_argument("--aug", type=float, default=0.0, help="augmentation level of the input in [0, 1] (default 0)")
+    p.add_argument("--inconsistent", action="store_true",
+                   help="do not project onto outputs whose downsampling is the input (the default at --aug 0)")
     p.add_argument("--prompt", help="text-conditioned models: the prompt")
     p.add_argument("--negative-prompt")
     p.add_argument("--class", dest="class_label", type=int, metavar="K", help="class-conditioned models: the class")
@@ -229,5 +262,5 @@ def add_superres_parsers(subparsers) -> None:
     p.set_defaults(run=_run_cascade)
 
 
-__all__ = ["add_superres_parsers", "augment", "cascade", "degrade", "psnr", "sr_conditioning", "superres_settings",
+__all__ = ["ConsistentDenoiser", "add_superres_parsers", "augment", "cascade", "degrade", "psnr", "sr_conditioning", "superres_settings",
            "upsample", "upscale"]
