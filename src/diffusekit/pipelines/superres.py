@@ -71,7 +71,6 @@ def sr_conditioning(low: Tensor, size: tuple[int, int], level, schedule: NoiseSc
     return {"concat": concat, "aug_level": aug_level}
 
 
-@torch.no_grad()
 class ConsistentDenoiser(torch.nn.Module):
     """Makes every denoised estimate agree with the low-resolution image exactly: x0 + N(y - A x0),
     with A the box downsampling and N nearest upsampling (A N = I, so A of the result is y). This
