@@ -1,14 +1,20 @@
 """U-Net speed on the CPU: diffusekit's UNet against diffusers' UNet2DModel with the same
-architecture and the same weights, measured in the same run.
+architecture and the same weights, timed alternately in one process.
 
-    python benchmarks/unet_speed.py [--config small|cifar|all] [--threads 2,1] [--repeats 5]
+    python benchmarks/unet_speed.py [--config small|cifar|all] [--threads 2,1] [--repeats 7] [--bf16]
+                                    [--window 1.0] [--no-memory]
 
 For each configuration and thread count it prints images/s for a forward pass and for a training
 step (forward + MSE + backward + AdamW), achieved GFLOP/s (FLOPs counted by
-torch.utils.flop_counter) as a fraction of this machine's measured peak (a large sgemm and a 1x1
-convolution timed in the same run), peak memory (max RSS of a fresh subprocess per variant), and
-the ratio diffusekit / diffusers. Timings are medians of `--repeats` windows; the machine is shared,
-so only the ratios measured side by side mean anything.
+torch.utils.flop_counter) as a fraction of this machine's measured peak (a 2048^2 sgemm and a 1x1
+convolution), peak memory (max RSS of a fresh subprocess per variant doing a few training steps)
+and the ratios diffusekit / diffusers.
+
+Method: all variants (diffusers and diffusekit, float32 and with --bf16 also bf16 autocast) live
+in one process and are timed in interleaved windows (A B C D, then D C B A, ...), the machine's
+peak is re-measured in every round, and the printed numbers are medians over the rounds; the
+ratios are medians of the per-round ratios (each taken under the same load). Timing the libraries
+in separate processes one after the other swung 2x on this shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -33,14 +40,18 @@ CONFIGS = {
                   layers_per_block=2),
 }
 BATCH = 16
+LIBRARIES = ("diffusers", "diffusekit")
 
 
-def build(name: str, which: str):
-    """The same network (same weights) as diffusers' UNet2DModel or as diffusekit's UNet."""
+def build(name: str, which: str, module=None):
+    """The same network (same weights) as diffusers' UNet2DModel or as diffusekit's UNet.
+    `module`: another implementation of diffusekit.nn.unet (for A/B comparisons of a change)."""
     import diffusers
 
     from diffusekit.convert import unet_state_from_diffusers
-    from diffusekit.nn.unet import UNet, UNetConfig
+
+    if module is None:
+        from diffusekit.nn import unet as module
 
     c = CONFIGS[name]
     torch.manual_seed(0)
@@ -50,111 +61,163 @@ def build(name: str, which: str):
     if which == "diffusers":
         return ref, lambda m, x, t: m(x, t).sample
     attn_sizes = tuple(c["size"] // 2**i for i, b in enumerate(c["down"]) if b.startswith("Attn"))
-    ours = UNet(UNetConfig(in_channels=c["channels"], image_size=c["size"], block_out_channels=c["block_out_channels"],
-                           layers_per_block=c["layers_per_block"], attention_resolutions=attn_sizes, head_dim=8))
-    state = unet_state_from_diffusers(ref.state_dict())
-    ours.load_state_dict(state, strict=True)
+    ours = module.UNet(module.UNetConfig(in_channels=c["channels"], image_size=c["size"],
+                                         block_out_channels=c["block_out_channels"], layers_per_block=c["layers_per_block"],
+                                         attention_resolutions=attn_sizes, head_dim=8))
+    ours.load_state_dict(unet_state_from_diffusers(ref.state_dict()), strict=True)
     return ours, lambda m, x, t: m(x, t)
 
 
-def measure(name: str, which: str, threads: int, repeats: int) -> dict:
-    torch.set_num_threads(threads)
-    from torch.utils.flop_counter import FlopCounterMode
+class Variant:
+    """One network with its inputs, optimizer and the two timed functions."""
 
-    model, call = build(name, which)
-    c = CONFIGS[name]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, c["channels"], c["size"], c["size"], generator=g)
-    t = torch.randint(0, 1000, (BATCH,), generator=g).float()
-    target = torch.randn_like(x)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def __init__(self, name: str, which: str, bf16: bool = False, module=None):
+        self.model, call = build(name, which, module)
+        c = CONFIGS[name]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, c["channels"], c["size"], c["size"], generator=g)
+        t = torch.randint(0, 1000, (BATCH,), generator=g).float()
+        target = torch.randn_like(x)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+        model = self.model
 
-    def forward():
-        with torch.no_grad():
-            call(model, x, t)
+        def forward():
+            with torch.no_grad(), amp():
+                call(model, x, t)
 
-    def train_step():
-        loss = torch.nn.functional.mse_loss(call(model, x, t), target)
-        loss.backward()
-        opt.step()
+        def loss_and_backward():
+            with amp():
+                out = call(model, x, t)
+            loss = torch.nn.functional.mse_loss(out.float(), target)
+            loss.backward()
+
+        def train_step():
+            loss_and_backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        self.forward, self.train_step = forward, train_step
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            forward()
+        self.fwd_flops = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            loss_and_backward()
         opt.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as fc:
-        forward()
-    fwd_flops = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
-        loss = torch.nn.functional.mse_loss(call(model, x, t), target)
-        loss.backward()
-    opt.zero_grad(set_to_none=True)
-    train_flops = fc.get_total_flops()
-
-    def rate(fn, min_time=1.0):
-        for _ in range(3):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < min_time / repeats * 2 or n < 2:
-                fn()
-                n += 1
-            samples.append(n / (time.perf_counter() - start))
-        return statistics.median(samples)
-
-    fwd = rate(forward)
-    step = rate(train_step)
-    return {"params": sum(p.numel() for p in model.parameters()), "fwd_img_s": fwd * BATCH,
-            "train_img_s": step * BATCH, "fwd_gflops": fwd * fwd_flops / 1e9, "train_gflops": step * train_flops / 1e9,
-            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        self.train_flops = fc.get_total_flops()
+        self.params = sum(p.numel() for p in model.parameters())
 
 
-def machine_peak(threads: int) -> float:
-    """Practical peak GFLOP/s: the better of a 2048^2 sgemm and a 1x1 convolution."""
-    torch.set_num_threads(threads)
+def machine_peak_once() -> float:
+    """Practical peak GFLOP/s now: the better of a 2048^2 sgemm and a 1x1 convolution (best of 2 each)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     conv_x, conv_w = torch.randn(16, 256, 32, 32), torch.randn(256, 256, 1, 1)
 
     def best(fn, flops):
-        fn()
         times = []
-        for _ in range(5):
+        for _ in range(2):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
         return flops / min(times) / 1e9
 
-    return max(best(lambda: a @ b, 2 * 2048**3), best(lambda: torch.nn.functional.conv2d(conv_x, conv_w), 2 * 16 * 256 * 256 * 32 * 32))
+    return max(best(lambda: a @ b, 2 * 2048**3),
+               best(lambda: torch.nn.functional.conv2d(conv_x, conv_w), 2 * 16 * 256 * 256 * 32 * 32))
+
+
+def window_rate(fn, seconds: float) -> float:
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 2:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def interleaved(variants: dict, what: str, repeats: int, seconds: float, peak: list | None = None) -> dict:
+    """Rates (calls/s) of `getattr(variant, what)` for every variant, timed in alternating windows.
+    Returns {key: [rate per round]}; appends a peak measurement per round to `peak` if given."""
+    for v in variants.values():
+        for _ in range(2):
+            getattr(v, what)()
+    rates = {k: [] for k in variants}
+    keys = list(variants)
+    for r in range(repeats):
+        if peak is not None:
+            peak.append(machine_peak_once())
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            rates[k].append(window_rate(getattr(variants[k], what), seconds))
+    return rates
+
+
+def paired_ratio(a: list, b: list) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def max_rss_worker(name: str, which: str, threads: int, bf16: bool) -> dict:
+    torch.set_num_threads(threads)
+    v = Variant(name, which, bf16)
+    for _ in range(3):
+        v.train_step()
+    return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="all", choices=["all", *CONFIGS])
     parser.add_argument("--threads", default="2,1")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds of interleaved windows")
+    parser.add_argument("--window", type=float, default=1.0, help="seconds per timing window")
+    parser.add_argument("--bf16", action="store_true", help="also time both libraries under bf16 autocast")
+    parser.add_argument("--no-memory", action="store_true", help="skip the max-RSS subprocesses")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:  # one measurement in a fresh process, so max RSS is this variant's own
-        name, which, threads = args.worker
-        print(json.dumps(measure(name, which, int(threads), args.repeats)))
+    if args.worker:  # a few training steps in a fresh process, so max RSS is this variant's own
+        name, which, threads, bf16 = args.worker
+        print(json.dumps(max_rss_worker(name, which, int(threads), bf16 == "1")))
         return
     configs = list(CONFIGS) if args.config == "all" else [args.config]
-    print(f"torch {torch.__version__}, batch {BATCH}, float32; medians of {args.repeats} windows")
+    if args.bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # without avx512_bf16/AMX, oneDNN emulates bf16: a bf16 matmul ran 90x and a convolution 45x
+        # slower than float32 on this machine's AVX2-only CPU, and one cifar step took minutes
+        print("bf16 skipped: this CPU has no native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)")
+        args.bf16 = False
+    precisions = ["fp32", "bf16"] if args.bf16 else ["fp32"]
+    print(f"torch {torch.__version__}, batch {BATCH}; variants timed alternately in one process, "
+          f"medians of {args.repeats} rounds of {args.window:.1f} s windows; ratios are medians of per-round ratios")
     for threads in [int(s) for s in args.threads.split(",")]:
-        peak = machine_peak(threads)
-        print(f"\n== {threads} thread(s): measured peak {peak:.1f} GFLOP/s ==")
-        print(f"{'config':7} {'library':10} {'params':>9} {'fwd img/s':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
-              f"{'% peak':>7} {'max RSS MB':>11}")
+        torch.set_num_threads(threads)
         for name in configs:
-            results = {}
-            for which in ("diffusers", "diffusekit"):
-                out = subprocess.run([sys.executable, __file__, "--worker", name, which, str(threads),
-                                      "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
-                r = results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"{name:7} {which:10} {r['params']:>9,} {r['fwd_img_s']:>10.1f} {r['train_img_s']:>12.1f} "
-                      f"{r['train_gflops']:>14.1f} {100 * r['train_gflops'] / peak:>6.1f}% {r['max_rss_mb']:>11.0f}")
-            ours, ref = results["diffusekit"], results["diffusers"]
-            print(f"{name:7} {'ratio':10} {'':>9} {ours['fwd_img_s'] / ref['fwd_img_s']:>9.2f}x "
-                  f"{ours['train_img_s'] / ref['train_img_s']:>11.2f}x {'':>14} {'':>7} "
-                  f"{ours['max_rss_mb'] / ref['max_rss_mb']:>10.2f}x")
+            variants = {(lib, p): Variant(name, lib, p == "bf16") for p in precisions for lib in LIBRARIES}
+            peaks: list[float] = []
+            fwd = interleaved(variants, "forward", args.repeats, args.window)
+            train = interleaved(variants, "train_step", args.repeats, args.window, peaks)
+            peak = statistics.median(peaks)
+            rss = {}
+            if not args.no_memory:
+                for lib, p in variants:
+                    out = subprocess.run([sys.executable, __file__, "--worker", name, lib, str(threads),
+                                          "1" if p == "bf16" else "0"], capture_output=True, text=True, check=True)
+                    rss[lib, p] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
+            print(f"\n== {name}, {threads} thread(s): measured peak {peak:.1f} GFLOP/s "
+                  f"(median of per-round bests {min(peaks):.1f}-{max(peaks):.1f}) ==")
+            print(f"{'library':10} {'prec':5} {'params':>9} {'fwd img/s':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
+                  f"{'% peak':>7} {'max RSS MB':>11}")
+            for (lib, p), v in variants.items():
+                f, s = statistics.median(fwd[lib, p]), statistics.median(train[lib, p])
+                gf = s * v.train_flops / 1e9
+                mem = f"{rss[lib, p]:>11.0f}" if rss else f"{'-':>11}"
+                print(f"{lib:10} {p:5} {v.params:>9,} {f * BATCH:>10.1f} {s * BATCH:>12.1f} {gf:>14.1f} "
+                      f"{100 * gf / peak:>6.1f}% {mem}")
+            for p in precisions:
+                mem = f"{rss['diffusekit', p] / rss['diffusers', p]:>10.2f}x" if rss else ""
+                print(f"{'ratio':10} {p:5} {'':>9} {paired_ratio(fwd['diffusekit', p], fwd['diffusers', p]):>9.2f}x "
+                      f"{paired_ratio(train['diffusekit', p], train['diffusers', p]):>11.2f}x {'':>14} {'':>7} {mem}")
+            if args.bf16:
+                print(f"{'ratio':10} {'bf16/':5} {'':>9} {paired_ratio(fwd['diffusekit', 'bf16'], fwd['diffusers', 'fp32']):>9.2f}x "
+                      f"{paired_ratio(train['diffusekit', 'bf16'], train['diffusers', 'fp32']):>11.2f}x   "
+                      "(diffusekit bf16 autocast against diffusers float32)")
 
 
 if __name__ == "__main__":

@@ -227,3 +227,47 @@ def test_augmentation_level_embedding():
             x, t, aug_level=t)
     with pytest.raises(ValueError, match="augmentation_embedding"):
         UNetConfig(in_channels=1, image_size=8, augmentation_embedding=True)
+
+
+def test_small_attention_path_matches_sdpa_with_gradients():
+    """The matmul path SelfAttentionBlock takes for few tokens on the CPU computes the same
+    function, and the same gradients, as the scaled_dot_product_attention path."""
+    from diffusekit.nn.unet import SelfAttentionBlock
+
+    torch.manual_seed(0)
+    block = SelfAttentionBlock(64, 8, UNetConfig(norm_groups=8))
+    for p in block.parameters():  # non-trivial biases
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 64, 8, 8)
+
+    def run(max_tokens):
+        block.max_math_tokens = max_tokens
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = [xi.grad] + [p.grad.clone() for p in block.parameters()]
+        block.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    small, small_grads = run(64)
+    sdpa, sdpa_grads = run(0)
+    del block.max_math_tokens
+    assert torch.allclose(small, sdpa, atol=1e-5)
+    for a, b in zip(small_grads, sdpa_grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_conv1x1_matrix_product_equals_the_convolution():
+    from diffusekit.nn.unet import conv1x1
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(48, 32, 1)
+    x = torch.randn(2, 48, 8, 8, requires_grad=True)
+    out = conv1x1(conv, x)
+    ref = conv(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, conv.weight, conv.bias], g)
+    want = torch.autograd.grad(ref, [x, conv.weight, conv.bias], g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-4)

@@ -122,9 +122,13 @@ class UNetConfig:
 PRESETS: dict[str, dict] = {
     # ~1M parameters: 8x8 digits (any even side works with image_size set; attention at half size)
     "digits": dict(block_out_channels=(32, 64), layers_per_block=2, attention_resolutions=(4,), head_dim=32),
-    # ~1M parameters for 28x28 MNIST: 2x2 patches (pyramid 14-7) cut the FLOPs 4x against full resolution
+    # ~1.1M parameters for 28x28 MNIST: 2x2 patches (pyramid 14-7) cut the FLOPs 4x against full resolution.
+    # Scale-shift time conditioning: with 32 channels in 32 groups, an added time embedding is a
+    # per-channel constant that GroupNorm removes, so the first level's ResBlocks never saw the time
+    # step; at 300 equal steps (2 seeds) this gave FD 117 vs 172 and 77% vs 66% rated a digit
+    # (benchmarks/RESULTS.md, "Digits and MNIST: time conditioning through GroupNorm")
     "mnist": dict(in_channels=1, image_size=28, patch_size=2, block_out_channels=(32, 64), layers_per_block=2,
-                  attention_resolutions=(7,), head_dim=32),
+                  attention_resolutions=(7,), head_dim=32, time_scale_shift=True),
     # ~3M parameters for 32x32 RGB shapes on a CPU: 2x2 patches make the pyramid 16-8-4 (a third
     # of the FLOPs of a full-resolution first level); attention (cross-attention for text) at 8 and 4
     "shapes": dict(in_channels=3, image_size=32, patch_size=2, block_out_channels=(32, 64, 128), layers_per_block=1,
@@ -201,6 +205,24 @@ def conv3x3(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return out.reshape(cout, b, ho, wo).transpose(0, 1).contiguous()
 
 
+def conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """`conv(x)` for a 1x1 convolution (the ResBlock shortcut) as a batched matrix product
+    W[Cout, Cin] @ x[b, Cin, H*W] on the CPU for small maps (<= 16x16) and outputs (<= 64 channels,
+    the digits regime): there oneDNN's 1x1 convolution re-lays out its operands on every call and
+    its backward ran at ~5 GFLOP/s; the bmm (with the weight broadcast over the batch) took
+    0.6-0.75x the time forward + backward (batch 16, 32-128 -> 32-64 channels). Larger layers (the
+    cifar config's 16x16 shortcuts measured slower) keep the library convolution. Same function."""
+    b, c, h, w = x.shape
+    if x.device.type != "cpu" or conv.out_channels > 64 or h * w > 256:
+        return conv(x)
+    weight = conv.weight.reshape(conv.out_channels, c).expand(b, -1, -1)
+    if conv.bias is None:
+        out = torch.bmm(weight, x.reshape(b, c, h * w))
+    else:
+        out = torch.baddbmm(conv.bias[None, :, None], weight, x.reshape(b, c, h * w))
+    return out.view(b, conv.out_channels, h, w)
+
+
 class Resample(nn.Module):
     """Halve (strided 3x3 conv) or double (nearest + 3x3 conv) the resolution."""
 
@@ -249,7 +271,7 @@ class ResBlock(nn.Module):
         else:
             h = self.norm2(h + t)
         h = conv3x3(self.conv2, self.dropout(F.silu(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        return (x if self.conv_shortcut is None else conv1x1(self.conv_shortcut, x)) + h
 
 
 class Attention(nn.Module):
@@ -285,8 +307,37 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, context=None, context_mask=None) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)
-        return x + self.attention(tokens).transpose(1, 2).reshape(b, c, h, w)
+        if h * w > self.max_math_tokens or x.device.type != "cpu":
+            tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)
+            return x + self.attention(tokens).transpose(1, 2).reshape(b, c, h, w)
+        return x + self._small(self.group_norm(x).reshape(b, c, h * w)).view(b, c, h, w)
+
+    # Up to this many pixels, on the CPU, attention runs as plain batched matrix products in the
+    # channel-major layout the convolutions use: no token transposes, q/k/v in one product, and no
+    # CPU flash-attention kernel, whose backward costs ~10 ms at 64 tokens x 8 heads of 8 channels
+    # (the digits regime). At 256 tokens x 16 heads (cifar-sized) the materialised n x n scores made
+    # the training step slower than SDPA, hence the limit.
+    max_math_tokens = 64
+
+    def _small(self, x: Tensor) -> Tensor:
+        """Multi-head self-attention of x [B, C, N] -> [B, C, N], the same function as `attention`."""
+        attn = self.attention
+        b, c, n = x.shape
+        heads = attn.heads
+        d = c // heads
+        scale = d**-0.5
+        # rows ordered (head, q/k/v, channel) so each head's q, k and v are one [3d, N] slab;
+        # the softmax scale folds into the q rows
+        weight = torch.stack([attn.to_q.weight * scale, attn.to_k.weight, attn.to_v.weight])  # [3, C, C]
+        weight = weight.view(3, heads, d, c).transpose(0, 1).reshape(3 * c, c)
+        bias = torch.stack([attn.to_q.bias * scale, attn.to_k.bias, attn.to_v.bias]).view(3, heads, d).transpose(0, 1)
+        qkv = torch.baddbmm(bias.reshape(1, 3 * c, 1), weight.expand(b, -1, -1), x)  # [B, heads*3*d, N]
+        qkv = qkv.view(b * heads, 3, d, n)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B*heads, d, N]
+        p = torch.bmm(q.transpose(1, 2), k).softmax(-1)  # [B*heads, N, N]
+        out = torch.bmm(v, p.transpose(1, 2)).view(b, c, n)  # channel = head * d + i, as in `attention`
+        proj = attn.to_out[0]
+        return torch.baddbmm(proj.bias[None, :, None], proj.weight.expand(b, -1, -1), out)
 
 
 class GEGLU(nn.Module):
