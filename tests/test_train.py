@@ -276,3 +276,11 @@ def test_corrupt_checkpoint_weights_give_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "corrupt" in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_a_minutes_budget_logs_its_last_steps(tmp_path):
+    """A run stopped by its deadline between two log records still logs the steps since the last one."""
+    run = train(TrainConfig(out=str(tmp_path / "r"), minutes=0.03, **{**FAST, "log_every": 10_000}), progress=False)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    last_checkpoint = int((run / "latest").read_text().strip().rsplit("-", 1)[1])
+    assert records and records[-1]["step"] == last_checkpoint

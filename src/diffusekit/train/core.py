@@ -282,6 +282,24 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     step, window, t_window = start_step, [], time.monotonic()
     last_save = time.monotonic()
     net.train()
+
+    def log_window(step: int) -> None:
+        """Append the mean of the steps since the last record to log.jsonl (and the history)."""
+        nonlocal window, t_window
+        elapsed = time.monotonic() - t_window
+        record = {"step": step, "loss": sum(w["loss"] for w in window) / len(window), "lr": window[-1]["lr"],
+                  "grad_norm": window[-1]["grad_norm"], "steps_per_s": len(window) / max(elapsed, 1e-9),
+                  "time": time.time()}
+        for name in window[-1]:
+            if name not in record:  # numbers a job logs only on some steps average over those steps
+                values = [w[name] for w in window if name in w]
+                record[name] = sum(values) / len(values)
+        history.append(record)
+        if ddp.main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        window, t_window = [], time.monotonic()
+
     try:
         while True:
             now = time.monotonic()
@@ -335,21 +353,9 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
             metrics.update(job.after_step(step, batch, lr))
             step += 1
 
-            window.append({"loss": total_loss, **metrics})
+            window.append({"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), **metrics})
             if step % cfg.log_every == 0 or step == total:
-                elapsed = time.monotonic() - t_window
-                record = {"step": step, "loss": sum(w["loss"] for w in window) / len(window), "lr": lr,
-                          "grad_norm": float(grad_norm), "steps_per_s": len(window) / max(elapsed, 1e-9),
-                          "time": time.time()}
-                for name in window[-1]:
-                    if name != "loss":  # numbers a job logs only on some steps average over those steps
-                        values = [w[name] for w in window if name in w]
-                        record[name] = sum(values) / len(values)
-                history.append(record)
-                if ddp.main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                window, t_window = [], time.monotonic()
+                log_window(step)
             bar.update(1)
             postfix = {"loss": f"{total_loss:.4f}", "lr": f"{lr:.1e}"}
             if deadline is not None:  # a minutes budget: tqdm cannot know the ETA, so show the time left
@@ -367,6 +373,8 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         raise ValueError(f"the loss became non-finite at step {step + 1}; training stopped. The last good checkpoint "
                          f"is {kept} in {run_dir}; try a lower --lr or --precision fp32") from None
     bar.close()
+    if window:  # a minutes budget ended between two records: the last steps are logged too
+        log_window(step)
     if step > start_step or not (run_dir / "latest").exists():
         if step % cfg.checkpoint_every:
             checkpoint(step)
