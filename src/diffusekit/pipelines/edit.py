@@ -290,10 +290,17 @@ def _run_inpaint(args) -> None:
     image = _load_model_image(args.image, model, args.resize).to(args.device)
     mask = _load_mask(args.mask, (image.shape[-1], image.shape[-2]), args.resize).to(args.device)
     cond, uncond, guidance = _conditioning(args, model)
-    x = inpaint(model.denoiser, model.schedule, image, mask, method=args.method, sampler=args.sampler,
+    # latent models edit the image's latents (the mask at the latent grid's size) and decode the result
+    known = model.encode(image)
+    mask_known = mask if known.shape[-2:] == mask.shape[-2:] else \
+        (torch.nn.functional.adaptive_max_pool2d(mask, known.shape[-2:]) > 0).float()
+    x = inpaint(model.denoiser, model.schedule, known, mask_known, method=args.method, sampler=args.sampler,
                 steps=args.steps, spacing=args.spacing, jump_length=args.jump_length, resample=args.resample,
                 seed=args.seed, cond=cond, uncond=uncond, guidance=guidance,
-                clip=None if args.no_clip else (-1.0, 1.0), progress=True)
+                clip=None if args.no_clip else model.sample_clip, progress=True)
+    x = model.decode(x, check_scale=False)
+    if model.autoencoder is not None:  # decoding blurs the seam; keep the known pixels exactly anyway
+        x = torch.where(mask.bool(), x, image)
     save_image(tensor_to_pil(x[0]), args.output)
     walked = args.steps if path is None else sum(b > a for a, b in zip(path, path[1:]))
     print(f"wrote {args.output} (inpaint, {args.method}, {args.sampler}, {walked} sampler steps for a "
@@ -313,10 +320,10 @@ def _run_img2img(args) -> None:
     model = load(args.run_dir, device=args.device)
     image = _load_model_image(args.image, model, args.resize).to(args.device)
     cond, uncond, guidance = _conditioning(args, model)
-    x = img2img(model.denoiser, model.schedule, image, strength=args.strength, sampler=args.sampler,
+    x = img2img(model.denoiser, model.schedule, model.encode(image), strength=args.strength, sampler=args.sampler,
                 steps=args.steps, spacing=args.spacing, seed=args.seed, cond=cond, uncond=uncond,
-                guidance=guidance, clip=None if args.no_clip else (-1.0, 1.0), progress=True)
-    save_image(tensor_to_pil(x[0]), args.output)
+                guidance=guidance, clip=None if args.no_clip else model.sample_clip, progress=True)
+    save_image(tensor_to_pil(model.decode(x, check_scale=False)[0].clamp(-1, 1)), args.output)
     ran = len(img2img_sigmas(model.schedule.get_sigmas(args.steps, args.spacing), args.strength)) - 1
     print(f"wrote {args.output} (img2img, strength {args.strength}: {ran} of {args.steps} steps, {args.sampler}, "
           f"seed {args.seed}) from {model.path}")
