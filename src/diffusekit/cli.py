@@ -12,7 +12,7 @@ from .evaluate import add_eval_parser
 from .pipelines.edit import add_edit_parsers
 from .pipelines.stable_diffusion import add_stable_diffusion_parsers
 from .pipelines.superres import add_superres_parsers
-from .schedules import SCHEDULE_NAMES, BETA_SCHEDULES, NoiseSchedule
+from .schedules import BETA_SCHEDULES, NoiseSchedule
 
 
 def _forward(args) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
