@@ -19,6 +19,7 @@ every key of our U-Net, its LDM name. That one table converts in both directions
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..nn.autoencoder import AutoencoderConfig
+from ..nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from ..nn.unet import UNet, UNetConfig
 from ..schedules import NoiseSchedule
-from ..train.checkpoint import read_weights
+from ..train.checkpoint import load_state_strict, read_weights
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
@@ -469,6 +470,55 @@ def text_state_from_ldm(state: dict[str, Tensor], layout: str) -> tuple[dict[str
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
+
+
+def read_component_weights(folder: Path, variant: str | None = None) -> dict[str, Tensor]:
+    """A diffusers component's weights: one safetensors file, a sharded one (index.json), or a
+    legacy .bin read with weights_only=True; `variant` picks e.g. diffusion_pytorch_model.fp16.safetensors."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    single = folder / f"{stem}.safetensors"
+    if single.exists():
+        return read_state(single)
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(read_state(folder / shard))
+        return state
+    legacy = folder / f"{stem}.bin"
+    if legacy.exists():
+        return read_state(legacy)
+    raise ValueError(f"{folder} holds no weights ({stem}.safetensors, its .index.json or .bin)")
+
+
+def module_with_weights(cls, config, state: dict[str, Tensor], source):
+    """`cls(config)` holding `state`, built on the meta device: a 860M-parameter U-Net is neither
+    randomly initialised first nor held twice in memory."""
+    with torch.device("meta"):
+        module = cls(config)
+    load_state_strict(module, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source,
+                      assign=True)
+    return module
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: not a complete diffusers Stable Diffusion folder") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def diffusers_autoencoder(folder, variant: str | None = None) -> AutoencoderKL:
+    """A diffusers `AutoencoderKL` folder (config.json + weights) as diffusekit's AutoencoderKL."""
+    from ..convert.autoencoder import autoencoder_config_from_diffusers, autoencoder_state_from_diffusers
+
+    folder = Path(folder)
+    return module_with_weights(AutoencoderKL, autoencoder_config_from_diffusers(read_json(folder / "config.json")),
+                               autoencoder_state_from_diffusers(read_component_weights(folder, variant)), folder)
+
 
 
 def read_state(path) -> dict[str, Tensor]:

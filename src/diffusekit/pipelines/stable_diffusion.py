@@ -31,6 +31,10 @@ from ..convert.stable_diffusion import (
     SchedulerSettings,
     autoencoder_config_to_diffusers,
     detect_family,
+    diffusers_autoencoder,
+    module_with_weights,
+    read_component_weights,
+    read_json,
     read_state,
     scheduler_from_diffusers,
     stable_diffusion_scheduler,
@@ -39,7 +43,7 @@ from ..convert.stable_diffusion import (
     unet_config_to_diffusers,
     unet_state_from_ldm,
 )
-from ..convert.autoencoder import autoencoder_config_from_diffusers, autoencoder_state_from_diffusers, autoencoder_state_from_ldm
+from ..convert.autoencoder import autoencoder_state_from_ldm
 from ..denoiser import Denoiser
 from ..images import load_image, pil_to_tensor
 from ..nn.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -66,45 +70,6 @@ def _clip_modules():
         raise ValueError("Stable Diffusion needs transformers for its text encoder: pip install 'diffusekit[text]'") from None
     _quiet_transformers()
     return CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-
-def _read_component_weights(folder: Path, variant: str | None = None) -> dict[str, Tensor]:
-    """A diffusers component's weights: one safetensors file, a sharded one (index.json), or a
-    legacy .bin read with weights_only=True; `variant` picks e.g. diffusion_pytorch_model.fp16.safetensors."""
-    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
-    single = folder / f"{stem}.safetensors"
-    if single.exists():
-        return read_state(single)
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(read_state(folder / shard))
-        return state
-    legacy = folder / f"{stem}.bin"
-    if legacy.exists():
-        return read_state(legacy)
-    raise ValueError(f"{folder} holds no weights ({stem}.safetensors, its .index.json or .bin)")
-
-
-def _with_weights(cls, config, state: dict[str, Tensor], source):
-    """`cls(config)` holding `state`, built on the meta device: a 860M-parameter U-Net is neither
-    randomly initialised first nor held twice in memory."""
-    with torch.device("meta"):
-        module = cls(config)
-    load_state_strict(module, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source,
-                      assign=True)
-    return module
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing: not a complete diffusers Stable Diffusion folder") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def byte_level_clip_tokenizer(path, max_length: int = 77):
@@ -185,15 +150,14 @@ class StableDiffusion:
 
     @classmethod
     def _from_folder(cls, path: Path, tokenizer, variant) -> "StableDiffusion":
-        index = _read_json(path / "model_index.json")
+        index = read_json(path / "model_index.json")
         for name in COMPONENTS:
             if name not in index or not (path / name).is_dir():
                 raise ValueError(f"{path} has no {name}/ component (model_index.json and the folder are both needed)")
-        unet = _with_weights(UNet, unet_config_from_diffusers(_read_json(path / "unet" / "config.json")),
-                             _read_component_weights(path / "unet", variant), path / "unet")
-        vae = _with_weights(AutoencoderKL, autoencoder_config_from_diffusers(_read_json(path / "vae" / "config.json")),
-                            autoencoder_state_from_diffusers(_read_component_weights(path / "vae", variant)), path / "vae")
-        scheduler = scheduler_from_diffusers(_read_json(path / "scheduler" / "scheduler_config.json"))
+        unet = module_with_weights(UNet, unet_config_from_diffusers(read_json(path / "unet" / "config.json")),
+                             read_component_weights(path / "unet", variant), path / "unet")
+        vae = diffusers_autoencoder(path / "vae", variant)
+        scheduler = scheduler_from_diffusers(read_json(path / "scheduler" / "scheduler_config.json"))
         _, CLIPTextModel, CLIPTokenizer = _clip_modules()
         if not (path / "text_encoder" / "config.json").exists():
             raise ValueError(f"{path / 'text_encoder'} has no config.json")
@@ -207,8 +171,8 @@ class StableDiffusion:
     def _from_single_file(cls, path: Path, tokenizer, prediction, image_size) -> "StableDiffusion":
         state = read_state(path)
         family = detect_family(state, prediction=prediction, image_size=image_size)
-        unet = _with_weights(UNet, family.unet, unet_state_from_ldm(state, family.unet), path)
-        vae = _with_weights(AutoencoderKL, family.autoencoder, autoencoder_state_from_ldm(state), f"{path} (VAE)")
+        unet = module_with_weights(UNet, family.unet, unet_state_from_ldm(state, family.unet), path)
+        vae = module_with_weights(AutoencoderKL, family.autoencoder, autoencoder_state_from_ldm(state), f"{path} (VAE)")
         text_state, text_kwargs = text_state_from_ldm(state, family.text_layout)
         tok_dir = Path(tokenizer) if tokenizer is not None else path.parent / "tokenizer"
         if not tok_dir.is_dir():

@@ -150,21 +150,21 @@ def cascade(base, sr, n: int, *, prompts=None, class_labels=None, negative_promp
     if (channels, side * settings["scale"]) != (sr_channels, sr_side):
         raise ValueError(f"the base model makes {channels}x{side}x{side} images but the super-resolution model "
                          f"takes {sr_channels}x{sr_side // settings['scale']}x{sr_side // settings['scale']}")
-    stages = []
-    for model, options in ((base, base_options), (sr, sr_options)):
-        options = {"guidance": 1.0, **(options or {})}
+
+    def stage(model, options: dict | None) -> dict:
+        """The stage's generate() keywords: its conditioning, guidance only if conditional, and
+        clamping to the data range unless it thresholds."""
         cond, uncond = model.conditioning(n, class_labels=class_labels, prompts=prompts,
                                           negative_prompt=negative_prompt, device=device)
+        options = {"guidance": 1.0, **(options or {}), "cond": cond, "uncond": uncond}
         if cond is None:
             options["guidance"] = 1.0
         if options.get("threshold") is None:
             options.setdefault("clip", model.sample_clip)
-        stages.append((model, options, cond, uncond))
-    (model, options, cond, uncond), (sr_model, sr_opts, sr_cond, sr_uncond) = stages
-    low = model.decode(generate(model.denoiser, model.schedule, model.sample_shape, n, seed=seed, cond=cond,
-                                uncond=uncond, device=device, progress=progress, **options))
-    high = upscale(sr_model.denoiser, sr_model.schedule, low.to(device), settings["scale"], aug=aug, seed=seed,
-                   cond=sr_cond, uncond=sr_uncond, device=device, progress=progress, **sr_opts)
+        return {"seed": seed, "device": device, "progress": progress, **options}
+
+    low = base.decode(generate(base.denoiser, base.schedule, base.sample_shape, n, **stage(base, base_options)))
+    high = upscale(sr.denoiser, sr.schedule, low.to(device), settings["scale"], aug=aug, **stage(sr, sr_options))
     return low.clamp(-1, 1), high.clamp(-1, 1)
 
 

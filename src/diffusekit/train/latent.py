@@ -31,12 +31,9 @@ def load_autoencoder(path, device="cpu") -> tuple[AutoencoderKL, dict]:
     path = Path(path)
     raw = path / "config.json"
     if raw.is_file() and json.loads(raw.read_text()).get("_class_name") == "AutoencoderKL":
-        from ..convert.autoencoder import autoencoder_config_from_diffusers, autoencoder_state_from_diffusers
+        from ..convert.stable_diffusion import diffusers_autoencoder  # (imports this package)
 
-        config = autoencoder_config_from_diffusers(json.loads(raw.read_text()))
-        ae = AutoencoderKL(config)
-        weights = path / "diffusion_pytorch_model.safetensors"
-        load_state_strict(ae, autoencoder_state_from_diffusers(read_weights(weights)), weights)
+        ae = diffusers_autoencoder(path)
         return ae.to(device).eval().requires_grad_(False), {"source": str(path.resolve()), "step": None}
     try:
         folder = resolve_checkpoint(path)
