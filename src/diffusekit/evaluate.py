@@ -10,8 +10,14 @@ Which metric fits which data:
   shapes + text   prompt adherence read back from the pixels (`metrics.shapes`), on captions of the
                   training split (seen) and of the held-out split (shape/colour pairs never trained on).
   anything else   Fréchet distance, precision and recall on 8x8 area-downsampled pixels against the
-                  training data. This is not FID: FID needs Inception weights, which diffusekit cannot
-                  download, and --inception-weights is not implemented yet.
+                  training data: a fixed feature for comparing runs of the same data, not FID.
+
+`--inception-weights PATH` (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, which the user
+obtains; diffusekit never downloads) adds standard FID, KID and precision/recall in Inception
+features to any of the above, against real training images whose features are cached in
+RUN/inception-cache (keyed by the weights' and the images' hashes). Images are rounded to 8 bits
+first, as the PNGs pytorch-fid would read hold them. Only the main evaluation gets them; the sweep
+keeps charting the main metric.
 
 The sweep draws fewer images (n/4 by default) at a few NFE budgets per sampler and charts the main
 metric against NFE, so the user can choose a sampler and a step count. FD is biased upwards at
@@ -23,10 +29,12 @@ small n, so sweep values compare with each other, not with the main evaluation's
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +58,7 @@ DEFAULT_SWEEP_NFE = "5,10,20"
 MIN_IMAGES = 4  # precision/recall use each point's 3rd nearest neighbour
 PIXEL_SIDE = 8  # the pixel feature: images area-downsampled to at most 8x8, flattened
 PIXEL_REFERENCE = 2000  # real images (at most) the pixel metrics compare with
+INCEPTION_REFERENCE = 10_000  # real images (at most) FID and KID compare with; their features are cached
 GRID_IMAGES = 100  # samples shown in the report's grid
 GALLERY_PROMPTS = 8  # text models: prompted samples shown per split, with their captions
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -250,10 +259,12 @@ def _run_root(given: Path, checkpoint: Path) -> Path:
 def evaluate(run_dir, *, n: int = 1000, sampler: str = "dpmpp_2m", steps: int = 25, spacing: str = "karras",
              seed: int = 0, guidance: float = 3.0, out=None, sweep: str = DEFAULT_SWEEP,
              sweep_nfe: str = DEFAULT_SWEEP_NFE, sweep_n: int | None = None, likelihood_n: int = 0,
-             likelihood_timesteps: int | None = 100, device: str = "cpu", progress: bool = True) -> dict:
+             likelihood_timesteps: int | None = 100, inception_weights=None,
+             inception_reference: int = INCEPTION_REFERENCE, device: str = "cpu", progress: bool = True) -> dict:
     """Evaluate a run; write eval.json, report.html and samples.png into `out` (default RUN/eval)
     and return what eval.json holds. Nothing is written until every number is computed, and each
-    file is replaced atomically, so a failure leaves `out` as it was."""
+    file is replaced atomically, so a failure leaves `out` as it was (the one exception: the real
+    images' Inception features, cached in RUN/inception-cache as soon as they are computed)."""
     from .train import load
 
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -272,10 +283,21 @@ def evaluate(run_dir, *, n: int = 1000, sampler: str = "dpmpp_2m", steps: int = 
         raise ValueError(f"--likelihood-n must be 0 (off) or >= 2, got {likelihood_n}")
     if likelihood_timesteps is not None and likelihood_timesteps < 2:
         raise ValueError(f"--likelihood-timesteps must be >= 2 (or 0 for all steps), got {likelihood_timesteps}")
+    if inception_weights is not None and inception_reference < MIN_IMAGES:
+        raise ValueError(f"--inception-reference must be >= {MIN_IMAGES} (precision/recall need neighbours), "
+                         f"got {inception_reference}")
 
     started = time.perf_counter()
     model = load(run_dir, device=device)
     run_dir = _run_root(Path(run_dir), model.path)
+    inception = None
+    if inception_weights is not None:  # a bad file or unfit data fails here, before any sampling
+        from .metrics.inception import load_inception
+
+        channels = model.config["data"]["channels"]
+        if channels not in (1, 3):
+            raise ValueError(f"--inception-weights needs grey or RGB images; this run's data has {channels} channels")
+        inception = load_inception(inception_weights, device)
     out = Path(out) if out is not None else run_dir / "eval"
     task = task_for(model)
     scorer = Scorer(model, task)
@@ -294,10 +316,21 @@ def evaluate(run_dir, *, n: int = 1000, sampler: str = "dpmpp_2m", steps: int = 
     timing["score_s"] = time.perf_counter() - t
 
     notes = []
+    if inception is not None:
+        say("FID and KID (Inception features)")
+        t = time.perf_counter()
+        metrics.update(inception_metrics(model, images, inception, inception_weights, inception_reference,
+                                         run_dir / "inception-cache", progress=progress))
+        timing["inception_s"] = time.perf_counter() - t
+        notes.append(f"FID and KID: pytorch-fid's Inception features of {n:,} samples and "
+                     f"{metrics['inception_reference_n']:,} training images, both rounded to 8 bits. FID is biased "
+                     "upwards at small n (papers use 50,000 samples): compare it only with values at the same n; "
+                     "KID is unbiased")
     if task.kind == "pixels":
         notes.append(f"{task.main_label} against {metrics['reference_n']} training images: a simple, fixed feature "
-                     "for comparing runs of the same data, not FID (FID needs Inception weights; "
-                     "--inception-weights is not implemented yet)")
+                     "for comparing runs of the same data, not FID"
+                     + (" (FID and KID are in the table)" if inception is not None else
+                        " (for FID and KID, pass --inception-weights PATH to pytorch-fid's Inception weights)"))
     if isinstance(metrics.get("note"), str):
         notes.append(metrics["note"])
     t = time.perf_counter()
@@ -328,7 +361,8 @@ def evaluate(run_dir, *, n: int = 1000, sampler: str = "dpmpp_2m", steps: int = 
         "settings": {"n": n, "sampler": sampler, "steps": steps, "spacing": spacing, "seed": seed,
                      "guidance": guidance if model.conditioning_kind else None, "clip": [-1.0, 1.0],
                      "device": str(device), "sweep": sweep_samplers, "sweep_nfe": sweep_budgets,
-                     "sweep_n": sweep_n if sweep_samplers else None},
+                     "sweep_n": sweep_n if sweep_samplers else None,
+                     "inception_weights": str(inception_weights) if inception is not None else None},
         "nfe": info.nfe(steps + 1),
         "guided": guided,
         "main_metric": {"name": task.main, "label": task.main_label, "axis": task.axis, "value": main_value,
@@ -390,6 +424,72 @@ def likelihood(model, n: int, timesteps: int | None, *, seed: int, device, progr
     return {"bits_per_dim": float(bpd.mean()), "stderr": float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1
             else None, "n": len(bpd), "num_levels": levels, "method": "vlb", "timesteps": timesteps or "all",
             "images": "training"}
+
+
+def _levels(images: Tensor) -> Tensor:
+    """[-1, 1] images as the 8-bit levels (uint8) a PNG holds: standard FID is computed on image files."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _to_8_bits(images: Tensor) -> Tensor:
+    return _levels(images).float() / 127.5 - 1
+
+
+def inception_metrics(model, images: Tensor, net, weights, reference: int, cache_dir: Path, *,
+                      progress: bool = False) -> dict:
+    """FID, KID and improved precision/recall of `images` against up to `reference` training images,
+    in the pool3 features of the FID Inception network `net` (loaded from `weights`)."""
+    from .metrics import frechet_distance, kernel_inception_distance, precision_recall
+    from .metrics.inception import inception_features
+
+    real = reference_inception_features(model, net, weights, reference, cache_dir, progress=progress)
+    fake = inception_features(_to_8_bits(images), net, progress=progress)
+    kid, kid_std = kernel_inception_distance(fake, real)
+    precision, recall = precision_recall(real, fake)
+    return {"fid": frechet_distance(fake, real), "kid": kid, "kid_std": kid_std, "inception_precision": precision,
+            "inception_recall": recall, "inception_n": len(fake), "inception_reference_n": len(real)}
+
+
+def reference_inception_features(model, net, weights, reference: int, cache_dir: Path, *, chunk: int = 500,
+                                 progress: bool = False) -> Tensor:
+    """Inception features [M, 2048] of a fixed subset of the training images, from the cache when
+    it holds them. The cache key hashes the weights file and the very images (8-bit, in order), so
+    another dataset, resolution, count, changed image folder or weights file never reuses a stale
+    entry; reading the images again costs little next to the network."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .metrics.inception import FEATURE_DIM, inception_features, weights_digest
+
+    real, pick = training_subset(model, reference, "FID and KID")
+    if len(pick) < MIN_IMAGES:
+        raise ValueError(f"FID and KID need at least {MIN_IMAGES} training images (precision/recall need "
+                         f"neighbours); the data has {len(pick)}")
+    weights_sha = weights_digest(weights)
+    h = hashlib.sha256(weights_sha.encode())
+    batches = [pick[i:i + chunk] for i in range(0, len(pick), chunk)]
+    for rows in batches:
+        h.update(_levels(real.batch(rows)[0]).numpy().tobytes())
+    key = h.hexdigest()
+    data = model.config["data"]
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(data["name"]))[:40]
+    path = cache_dir / f"{name}-{data['resolution']}px-{len(pick)}-{key[:16]}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    cached = f.get_tensor("features")
+                    if cached.shape == (len(pick), FEATURE_DIM):
+                        return cached
+        except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed and replaced
+            pass
+    features = torch.cat([inception_features(_to_8_bits(real.batch(rows)[0]), net, progress=progress)
+                          for rows in batches])
+    with atomic_path(path) as tmp:
+        save_file({"features": features.contiguous()}, str(tmp),
+                  metadata={"key": key, "weights_sha256": weights_sha, "dataset": str(data["name"]),
+                            "resolution": str(data["resolution"]), "n": str(len(pick))})
+    return features
 
 
 def _version() -> str:
@@ -470,6 +570,12 @@ PIXEL_ROWS = (
     ("precision", "precision", "higher", True, "samples inside the real images' manifold (quality)"),
     ("recall", "recall", "higher", True, "real images inside the samples' manifold (coverage)"),
 )
+INCEPTION_ROWS = (
+    ("fid", "FID", "lower", False, "standard FID: Fréchet distance to {ref} training images in Inception features"),
+    ("kid", "KID", "lower", False, "kernel inception distance: unbiased, ± its std over random subsets"),
+    ("inception_precision", "precision (Inception)", "higher", True, "samples inside the real images' manifold"),
+    ("inception_recall", "recall (Inception)", "higher", True, "real images inside the samples' manifold"),
+)
 ATTRIBUTE_HELP = {"shape": "shape", "colour": "colour", "size": "small / large", "position": "place or relation",
                   "count": "number of shapes", "shape_colour": "shape and colour together (what held-out pairs test)",
                   "all": "every attribute right"}
@@ -491,18 +597,29 @@ def _metrics_table(result: dict) -> str:
                         f"<td class=dim>{meaning}</td></tr>")
         counts = "".join(f"<td class=num>{metrics[part]['n']:,}</td>" for part in ("seen", "heldout", "overall"))
         rows.append(f"<tr><td>images</td>{counts}<td></td></tr>")
-        return f"<table>{head}{''.join(rows)}</table>"
-    spec = DIGIT_ROWS if result["evaluation"] == "digits" else PIXEL_ROWS
+        table = f"<table>{head}{''.join(rows)}</table>"
+        if "fid" in metrics:
+            table += _rows_table(metrics, INCEPTION_ROWS, main["name"], metrics["inception_n"])
+        return table
+    spec = (DIGIT_ROWS if result["evaluation"] == "digits" else PIXEL_ROWS) + INCEPTION_ROWS
+    return _rows_table(metrics, spec, main["name"], metrics["n"])
+
+
+def _rows_table(metrics: dict, spec, main: str, n: int) -> str:
     rows = []
     for key, label, better, percent, meaning in spec:
         if key not in metrics:
             continue
-        cls = " class=main" if key == main["name"] else ""
+        cls = " class=main" if key == main else ""
         arrow = "↓" if better == "lower" else "↑"
         value = "–" if metrics[key] is None else f"{metrics[key]:.1%}" if percent else _fmt(metrics[key])
+        if key == "kid" and metrics.get("kid_std") is not None:
+            value += f" ± {metrics['kid_std']:.2g}"
+        if key == "fid":
+            meaning = meaning.format(ref=f"{metrics['inception_reference_n']:,}")
         rows.append(f"<tr{cls}><td>{label}</td><td class=num>{value}</td>"
                     f"<td class=arrow title='{better} is better'>{arrow}</td><td class=dim>{meaning}</td></tr>")
-    rows.append(f"<tr><td>images</td><td class=num>{metrics['n']:,}</td><td></td><td></td></tr>")
+    rows.append(f"<tr><td>images</td><td class=num>{n:,}</td><td></td><td></td></tr>")
     return "<table><tr><th>metric</th><th class=num>value</th><th></th><th>meaning</th></tr>" + "".join(rows) + "</table>"
 
 
@@ -767,6 +884,7 @@ def _run(args) -> None:
                       sweep_nfe=args.sweep_nfe, sweep_n=args.sweep_n,
                       likelihood_n=args.likelihood_n if args.likelihood else 0,
                       likelihood_timesteps=args.likelihood_timesteps or None,
+                      inception_weights=args.inception_weights, inception_reference=args.inception_reference,
                       device=args.device or "cpu", progress=True)
     out = Path(args.out) if args.out else Path(result["run"]) / "eval"
     main = result["main_metric"]
@@ -776,6 +894,10 @@ def _run(args) -> None:
     if best:
         print(f"sweep best: {best['sampler']} at {best['nfe']} NFE ({_steps(best['steps'])}): "
               f"{_value(result, best['value'])}")
+    m = result["metrics"]
+    if "fid" in m:
+        print(f"FID: {_fmt(m['fid'])}, KID: {_fmt(m['kid'])} ± {m['kid_std']:.2g} "
+              f"({m['inception_n']:,} samples against {m['inception_reference_n']:,} training images)")
     if result["likelihood"]:
         print(f"bits/dim: {_likelihood_text(result['likelihood'])}")
     print(f"wrote {out / 'report.html'}, {out / 'eval.json'}, {out / 'samples.png'}")
@@ -803,6 +925,12 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--likelihood-n", type=int, default=256, help="images for --likelihood (default 256)")
     p.add_argument("--likelihood-timesteps", type=int, default=100, metavar="K",
                    help="--likelihood: K random timesteps per image, unbiased (default 100; 0 = all T)")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or .safetensors): adds FID, KID and "
+                        "Inception precision/recall; obtain it yourself, diffusekit never downloads")
+    p.add_argument("--inception-reference", type=int, default=INCEPTION_REFERENCE, metavar="N",
+                   help=f"training images FID and KID compare with (default {INCEPTION_REFERENCE:,}, or all "
+                        "if fewer); their features are cached in RUN/inception-cache")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.set_defaults(run=_run)
 
