@@ -66,6 +66,32 @@ def test_autoencoder_training_reduces_the_reconstruction_error(autoencoder):
     assert log[-1]["psnr"] > log[0]["psnr"] + 3  # dB: it learns, the PSNR is measured on the right scale
 
 
+def test_autoencoder_trains_on_crops_and_encodes_whole_images(tmp_path):
+    from diffusekit.train.autoencoder import AutoencoderJob
+
+    seen = []
+    original = AutoencoderJob.loss
+
+    def spy(self, batch, part):
+        seen.append(tuple(batch["x"][part].shape))
+        return original(self, batch, part)
+
+    AutoencoderJob.loss = spy
+    try:
+        run = train_autoencoder(AutoencoderTrainConfig(out=str(tmp_path / "ae"), steps=2, crop=8, **AE_FAST),
+                                progress=False)
+    finally:
+        AutoencoderJob.loss = original
+    assert seen and all(shape[-2:] == (8, 8) for shape in seen)
+    ae, _ = load_autoencoder(run)
+    assert ae.encode(torch.zeros(2, 1, 16, 16)).mean.shape == (2, 4, 4, 4)  # whole images afterwards
+    for crop in (6, 32):  # not a multiple of the factor 4; larger than the 16px images
+        with pytest.raises(ValueError, match=f"--crop {crop}: must be a multiple"):
+            train_autoencoder(AutoencoderTrainConfig(out=str(tmp_path / f"bad{crop}"), steps=1, crop=crop, **AE_FAST),
+                              progress=False)
+        assert not (tmp_path / f"bad{crop}").exists()
+
+
 def test_scale_factor_round_trip(autoencoder):
     ae, _ = load_autoencoder(autoencoder)
     data = load_dataset("digits", 16)
