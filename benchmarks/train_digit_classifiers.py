@@ -4,7 +4,7 @@
     python benchmarks/train_digit_classifiers.py --train    # retrain both, write src/diffusekit/metrics/weights/
 
 Seeded and run with 1 torch thread: the same torch build on the same CPU writes the same bytes.
-Measured (torch 2.13 CPU, 1 thread, shared 2-core machine): digits about 1 min, mnist about 2.5 min.
+Measured (torch 2.13 CPU, 1 thread, shared 2-core machine): digits about 2.5 min, mnist about 2.5 min.
 """
 
 from diffusekit.metrics.classifier import main
