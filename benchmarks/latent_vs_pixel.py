@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--ae-minutes", type=float, default=10.0)
     p.add_argument("--ae-crop", type=int, default=32, help="autoencoder training crops (64 = whole images)")
     p.add_argument("--ae-batch-size", type=int, default=16)
+    p.add_argument("--ae-loss", choices=("l2", "l1"), default="l2")
     p.add_argument("--ae-only", action="store_true", help="train and score the autoencoder only")
     p.add_argument("--minutes", type=float, default=10.0, help="training time of each diffusion model")
     p.add_argument("--n", type=int, default=128, help="samples per model")
@@ -89,7 +90,7 @@ def main() -> None:
     ae_dir = out / "autoencoder"
     t = time.perf_counter()
     train_autoencoder(AutoencoderTrainConfig(data="shapes", resolution=SIZE, preset="small", lr=2e-3,
-                                             batch_size=args.ae_batch_size, crop=args.ae_crop, minutes=args.ae_minutes, checkpoint_every=10**6, sample_every=10**6, log_every=10,
+                                             batch_size=args.ae_batch_size, crop=args.ae_crop, loss=args.ae_loss, minutes=args.ae_minutes, checkpoint_every=10**6, sample_every=10**6, log_every=10,
                                              out=str(ae_dir)), overwrite=True, progress=False)
     ae_log = read_log(ae_dir / "log.jsonl")
     results["autoencoder"] = {"steps": load_autoencoder(ae_dir)[1]["step"], "train_psnr": ae_log[-1]["psnr"],
