@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--ae-batch-size", type=int, default=16)
     p.add_argument("--ae-loss", choices=("l2", "l1"), default="l2")
     p.add_argument("--ae-only", action="store_true", help="train and score the autoencoder only")
+    p.add_argument("--ae-run", help="use this trained autoencoder run (a previous --out's autoencoder/) "
+                   "instead of training one")
     p.add_argument("--minutes", type=float, default=10.0, help="training time of each diffusion model")
     p.add_argument("--n", type=int, default=128, help="samples per model")
     p.add_argument("--batch-size", type=int, default=32)
@@ -87,11 +89,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
 
-    ae_dir = out / "autoencoder"
+    ae_dir = Path(args.ae_run) if args.ae_run else out / "autoencoder"
     t = time.perf_counter()
-    train_autoencoder(AutoencoderTrainConfig(data="shapes", resolution=SIZE, preset="small", lr=2e-3,
-                                             batch_size=args.ae_batch_size, crop=args.ae_crop, loss=args.ae_loss, minutes=args.ae_minutes, checkpoint_every=10**6, sample_every=10**6, log_every=10,
-                                             out=str(ae_dir)), overwrite=True, progress=False)
+    if not args.ae_run:
+        train_autoencoder(AutoencoderTrainConfig(data="shapes", resolution=SIZE, preset="small", lr=2e-3,
+                                                 batch_size=args.ae_batch_size, crop=args.ae_crop, loss=args.ae_loss,
+                                                 minutes=args.ae_minutes, checkpoint_every=10**6, sample_every=10**6,
+                                                 log_every=10,
+                                                 out=str(ae_dir)), overwrite=True, progress=False)
     ae_log = read_log(ae_dir / "log.jsonl")
     results["autoencoder"] = {"steps": load_autoencoder(ae_dir)[1]["step"], "train_psnr": ae_log[-1]["psnr"],
                               "latent_std": ae_log[-1]["latent_std"], "minutes": (time.perf_counter() - t) / 60,
@@ -118,7 +123,7 @@ def main() -> None:
     results["latent"]["encode_minutes"] = (timings["latent"] - timings["pixel"]) / 60  # roughly: the extra over equal training
 
     a, px, lt = results["autoencoder"], results["pixel"], results["latent"]
-    print(f"\nautoencoder (small, f=4, 16x16x4 latents): {a['steps']} steps in {args.ae_minutes:g} min, "
+    print(f"\nautoencoder (small, f=4, 16x16x4 latents): {a['steps']} steps, "
           f"train PSNR {a['train_psnr']:.2f} dB, held-out PSNR {a['heldout_psnr']:.2f} dB (goal >= 28), "
           f"latent std {a['latent_std']:.3f}")
     print(f"\n{'model':8} {'steps':>6} {'steps/s':>8} {'img/s':>7} {'adh.all':>8} {'shp+col':>8} {'shape':>6} "
