@@ -97,8 +97,9 @@ def main() -> None:
                                                  minutes=args.ae_minutes, checkpoint_every=10**6, sample_every=10**6,
                                                  log_every=10,
                                                  out=str(ae_dir)), overwrite=True, progress=False)
+    steps = load_autoencoder(ae_dir)[1]["step"]  # first: a wrong --ae-run fails with load_autoencoder's one-line error
     ae_log = read_log(ae_dir / "log.jsonl")
-    results["autoencoder"] = {"steps": load_autoencoder(ae_dir)[1]["step"], "train_psnr": ae_log[-1]["psnr"],
+    results["autoencoder"] = {"steps": steps, "train_psnr": ae_log[-1]["psnr"],
                               "latent_std": ae_log[-1]["latent_std"], "minutes": (time.perf_counter() - t) / 60,
                               "heldout_psnr": heldout_psnr(ae_dir, 256, out)}
     print(json.dumps(results["autoencoder"]), flush=True)

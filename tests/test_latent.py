@@ -66,7 +66,7 @@ def test_autoencoder_training_reduces_the_reconstruction_error(autoencoder):
     assert log[-1]["psnr"] > log[0]["psnr"] + 3  # dB: it learns, the PSNR is measured on the right scale
 
 
-def test_autoencoder_trains_on_crops_and_encodes_whole_images(tmp_path):
+def test_autoencoder_trains_on_crops_and_encodes_whole_images(tmp_path, monkeypatch):
     from diffusekit.train.autoencoder import AutoencoderJob
 
     seen = []
@@ -76,12 +76,9 @@ def test_autoencoder_trains_on_crops_and_encodes_whole_images(tmp_path):
         seen.append(tuple(batch["x"][part].shape))
         return original(self, batch, part)
 
-    AutoencoderJob.loss = spy
-    try:
-        run = train_autoencoder(AutoencoderTrainConfig(out=str(tmp_path / "ae"), steps=2, crop=8, **AE_FAST),
-                                progress=False)
-    finally:
-        AutoencoderJob.loss = original
+    monkeypatch.setattr(AutoencoderJob, "loss", spy)
+    run = train_autoencoder(AutoencoderTrainConfig(out=str(tmp_path / "ae"), steps=2, crop=8, **AE_FAST), progress=False)
+    monkeypatch.undo()
     assert seen and all(shape[-2:] == (8, 8) for shape in seen)
     ae, _ = load_autoencoder(run)
     assert ae.encode(torch.zeros(2, 1, 16, 16)).mean.shape == (2, 4, 4, 4)  # whole images afterwards
