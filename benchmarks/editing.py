@@ -44,14 +44,15 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def mnist_train_folder(work: Path) -> Path:
-    """The classifier's training split of MNIST as PNGs (lossless: MNIST is 8-bit), so that a run
-    trained on this folder never sees the held-out digits the benchmark scores."""
+def train_split_folder(work: Path, dataset: str) -> Path:
+    """The classifier's training split of `dataset` (mnist or digits) as PNGs, so that a run trained
+    on this folder never sees the held-out digits the benchmark scores. Lossless for MNIST (8-bit);
+    the 17 grey levels of scikit-learn's digits move by under half an 8-bit step."""
     from diffusekit.images import save_image, tensor_to_pil
     from diffusekit.metrics.classifier import load_split
 
-    folder = work / "mnist_train"
-    images = load_split("mnist")["train_images"]
+    folder = work / f"{dataset}_train"
+    images = load_split(dataset)["train_images"]
     done = folder / ".complete"
     if done.exists() and int(done.read_text()) == len(images):
         return folder
@@ -59,7 +60,7 @@ def mnist_train_folder(work: Path) -> Path:
     for i, x in enumerate(images):
         save_image(tensor_to_pil(x), folder / f"{i:05d}.png")
     done.write_text(str(len(images)))
-    _log(f"wrote the {len(images)} training-split MNIST digits to {folder}")
+    _log(f"wrote the {len(images)} training-split {dataset} digits to {folder}")
     return folder
 
 
@@ -89,16 +90,21 @@ def get_run(args, name: str, given: str | None, minutes: float, settings) -> Pat
     """`given` if named, else a fresh run in the work folder trained with `settings(args)`."""
     if given:
         return Path(given)
-    return train_run(Path(args.work) / name, minutes, **settings(args))
+    return train_run(Path(args.work) / name, minutes, lr_schedule=args.lr_schedule, **settings(args))
 
 
-def gen_settings(args) -> dict:
-    return dict(data=str(mnist_train_folder(Path(args.work))), channels=1, resolution=28, preset="mnist",
+def digits_settings(args, dataset: str) -> dict:
+    side = {"mnist": 28, "digits": 8}[dataset]
+    return dict(data=str(train_split_folder(Path(args.work), dataset)), channels=1, resolution=side, preset=dataset,
                 seed=args.seed)
 
 
+def gen_settings(args) -> dict:
+    return digits_settings(args, args.inpaint_data)
+
+
 def sr_settings(args) -> dict:
-    return dict(gen_settings(args), task="superres", scale=2)
+    return dict(digits_settings(args, "mnist"), task="superres", scale=2)
 
 
 def shapes_sr_settings(args) -> dict:
@@ -110,7 +116,8 @@ def base_settings(args) -> dict:
 
 
 def cascade_sr_settings(args) -> dict:
-    return dict(data="shapes", resolution=64, task="superres", scale=2, text_encoder="minilm", seed=args.seed)
+    return dict(data="shapes", resolution=64, task="superres", scale=2, text_encoder="minilm", seed=args.seed,
+                crop=args.cascade_sr_crop)
 
 
 
@@ -119,17 +126,17 @@ def cascade_sr_settings(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def classify(images) -> dict:
-    """The shipped MNIST classifier on [N, 1, 28, 28] images in [-1, 1]: per image the top class of
-    all 11 (10 = "not a digit") and the top digit with junk ignored."""
+def classify(images, dataset: str = "mnist") -> dict:
+    """The shipped classifier of `dataset` on [N, 1, H, W] images in [-1, 1]: per image the top class
+    of all 11 (10 = "not a digit") and the top digit with junk ignored."""
     from diffusekit.metrics.digits import digit_features
 
-    _, probs = digit_features(images.clamp(-1, 1), "mnist")
+    _, probs = digit_features(images.clamp(-1, 1), dataset)
     return {"top": probs.argmax(1), "top10": probs[:, :10].argmax(1)}
 
 
-def scores(images, labels) -> dict:
-    c = classify(images)
+def scores(images, labels, dataset: str = "mnist") -> dict:
+    c = classify(images, dataset)
     return {"acc": float((c["top"] == labels).double().mean()), "acc10": float((c["top10"] == labels).double().mean()),
             "junk": float((c["top"] == 10).double().mean())}
 
@@ -143,10 +150,10 @@ def save_rows(rows: list, path: Path, columns: int = 16) -> None:
     _log(f"wrote {path}")
 
 
-def heldout_mnist(n: int):
+def heldout_digits(n: int, dataset: str = "mnist"):
     from diffusekit.metrics.classifier import load_split
 
-    split = load_split("mnist")
+    split = load_split(dataset)
     if n > len(split["heldout_images"]):
         raise ValueError(f"--n {n}: the held-out split has {len(split['heldout_images'])} digits")
     return split["heldout_images"][:n], split["heldout_labels"][:n]
@@ -175,19 +182,20 @@ def bench_inpaint(args, run: Path) -> list[dict]:
     from diffusekit.train import load
 
     model = load(run)
-    images, labels = heldout_mnist(args.n)
+    data = args.inpaint_data
+    images, labels = heldout_digits(args.n, data)
     path = repaint_path(args.steps, args.jump_length, args.resample)
     repaint_nfe = sum(b > a for a, b in zip(path, path[1:]))
     rows = []
-    ceiling = scores(images, labels)
+    ceiling = scores(images, labels, data)
     for kind in args.masks:
         mask = make_mask(kind, images.shape[-1])
         black = torch.where(mask.bool(), torch.full_like(images, -1.0), images)
         grey = torch.where(mask.bool(), torch.zeros_like(images), images)
         filled = {}
         rows.append(dict(mask=kind, method="original (ceiling)", **ceiling))
-        rows.append(dict(mask=kind, method="masked, black (floor)", **scores(black, labels)))
-        rows.append(dict(mask=kind, method="masked, grey (floor)", **scores(grey, labels)))
+        rows.append(dict(mask=kind, method="masked, black (floor)", **scores(black, labels, data)))
+        rows.append(dict(mask=kind, method="masked, grey (floor)", **scores(grey, labels, data)))
         for method in ("repaint", "replace"):
             start = time.perf_counter()
             out = inpaint(model.denoiser, model.schedule, images, mask, method=method, sampler=args.sampler,
@@ -198,11 +206,11 @@ def bench_inpaint(args, run: Path) -> list[dict]:
             filled[method] = out
             nfe = repaint_nfe if method == "repaint" else args.steps
             label = (f"RePaint j{args.jump_length} r{args.resample}" if method == "repaint" else "replace")
-            rows.append(dict(mask=kind, method=label, **scores(out, labels), nfe=nfe, seconds=seconds, kept=kept))
+            rows.append(dict(mask=kind, method=label, **scores(out, labels, data), nfe=nfe, seconds=seconds, kept=kept))
             _log(f"{kind} {label}: acc {rows[-1]['acc']:.3f} ({seconds:.0f} s, known region max |diff| {kept:.2g})")
         save_rows([images, grey, filled["repaint"], filled["replace"]], Path(args.work) / f"inpaint_{kind}.png")
     print()
-    print(f"Inpainting {args.n} held-out MNIST digits (the classifier's held-out split; model {run}, "
+    print(f"Inpainting {args.n} held-out {data} digits (the classifier's held-out split; model {run}, "
           f"{describe_run(run)}); {args.sampler}, {args.steps}-step karras schedule, seed {args.seed}")
     print("acc: classifier's top class of 11 (junk = wrong) is the original's label; acc10: junk class ignored; "
           "junk: rated not-a-digit")
@@ -226,7 +234,7 @@ def bench_superres(args, run: Path) -> list[dict]:
 
     model = load(run)
     scale = superres_settings(model)["scale"]
-    images, labels = heldout_mnist(args.sr_n)
+    images, labels = heldout_digits(args.sr_n)
     low = degrade(images, scale)
     size = tuple(images.shape[-2:])
     start = time.perf_counter()
@@ -353,8 +361,12 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     # part 1
-    p.add_argument("--gen-run", help="inpaint: an existing unconditional MNIST run (else train one)")
-    p.add_argument("--minutes", type=float, default=12, help="inpaint: training budget of the MNIST model")
+    p.add_argument("--inpaint-data", choices=("mnist", "digits"), default="mnist",
+                   help="inpaint: MNIST 28x28 (default) or scikit-learn's 8x8 digits")
+    p.add_argument("--gen-run", help="inpaint: an existing unconditional run on --inpaint-data (else train one)")
+    p.add_argument("--minutes", type=float, default=12, help="inpaint: training budget of that model")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+                   help="learning rate of the models trained here (cosine: decays over the budget)")
     p.add_argument("--n", type=int, default=200, help="inpaint: held-out digits per mask")
     p.add_argument("--sampler", default="ddpm", help="inpaint: sampler of both methods (default ddpm)")
     p.add_argument("--steps", type=int, default=50, help="inpaint: sigma-schedule steps of both methods")
@@ -373,6 +385,8 @@ def main(argv=None) -> None:
     p.add_argument("--base-minutes", type=float, default=8)
     p.add_argument("--cascade-sr-run", help="cascade: an existing shapes 64x64 superres minilm run")
     p.add_argument("--cascade-sr-minutes", type=float, default=8)
+    p.add_argument("--cascade-sr-crop", type=int, default=32,
+                   help="cascade: the SR stage trains on crops of this side (a 64x64 step is 4x dearer)")
     p.add_argument("--cascade-n", type=int, default=64, help="cascade: prompts (one image each)")
     p.add_argument("--cascade-aug", type=float, default=0.1, help="cascade: augmentation level of the base samples")
     p.add_argument("--cascade-guidance", type=float, default=3.0, help="cascade: guidance of both stages")
@@ -385,7 +399,7 @@ def main(argv=None) -> None:
          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, parts: {', '.join(parts)}")
     runs = {}
     if "inpaint" in parts:
-        runs["gen"] = get_run(args, "mnist_gen", args.gen_run, args.minutes, gen_settings)
+        runs["gen"] = get_run(args, f"{args.inpaint_data}_gen", args.gen_run, args.minutes, gen_settings)
     if "superres" in parts:
         runs["sr"] = get_run(args, "mnist_sr", args.sr_run, args.sr_minutes, sr_settings)
     if "superres-shapes" in parts:

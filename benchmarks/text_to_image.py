@@ -87,6 +87,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a trained text-to-image run (default: train one first)")
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget when no --run (default 20)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+                        help="learning rate after warm-up when training (default cosine: decays over --minutes)")
     parser.add_argument("--n", type=int, default=200, help="prompts per split and guidance scale (default 200)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
     parser.add_argument("--steps", type=int, default=20, help="sampler steps = NFE with dpmpp_2m (default 20)")
@@ -101,7 +103,8 @@ def main() -> int:
     if run is None:
         start = time.monotonic()
         run = train(TrainConfig(data="shapes", preset="shapes", text_encoder="minilm", batch_size=32,
-                                minutes=args.minutes, out=str(out / "run"), save_minutes=5.0), overwrite=True)
+                                minutes=args.minutes, lr_schedule=args.lr_schedule, out=str(out / "run"),
+                                save_minutes=5.0), overwrite=True)
         print(f"trained {run} in {(time.monotonic() - start) / 60:.1f} min")
     model = load(run)
     steps = int(Path(model.path).name.split("-")[-1])

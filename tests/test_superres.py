@@ -155,3 +155,40 @@ def test_cascade_chains_a_base_model_and_an_sr_stage(tmp_path):
     base16 = load(train(TrainConfig(out=str(tmp_path / "b16"), steps=1, resolution=16, **base_kw), progress=False))
     with pytest.raises(ValueError, match="takes"):  # 16 px base outputs for an SR stage that takes 8 px
         cascade(base16, sr, 1)
+
+
+def test_superres_trains_on_crops_aligned_to_the_low_resolution_grid(tmp_path, monkeypatch):
+    """--crop: each training image is a window of a data image at an offset on the low-resolution
+    grid (so its degraded version is a window of the whole image's), and the model still upscales
+    whole images."""
+    from diffusekit.data import load_dataset
+    from diffusekit.train import TrainConfig, load, loop, train
+    from diffusekit.train.core import global_batch_indices
+
+    seen = []
+    real_loss = loop.diffusion_loss
+
+    def spy(denoiser, x0, **kw):
+        seen.append(x0.detach().clone())
+        return real_loss(denoiser, x0, **kw)
+
+    monkeypatch.setattr(loop, "diffusion_loss", spy)
+    run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, crop=8, **FAST), progress=False)
+    data = load_dataset("digits", 16)
+    offsets = set()
+    for step, x0 in enumerate(seen):
+        assert x0.shape == (8, 1, 8, 8)
+        images, _ = data.batch(global_batch_indices(0, step, 8, len(data)))
+        for crop, image in zip(x0, images):
+            hits = [(r, c) for r in range(9) for c in range(9) if torch.equal(crop, image[:, r:r + 8, c:c + 8])]
+            assert hits and any(r % 2 == 0 and c % 2 == 0 for r, c in hits)
+            offsets.update(hits)
+    assert len(offsets) > 3  # the windows move
+    model = load(run)
+    high = upscale(model.denoiser, model.schedule, torch.zeros(1, 1, 8, 8), 2, steps=2)
+    assert high.shape == (1, 1, 16, 16)
+    for bad in (7, 18):  # off the low-resolution grid; larger than the images
+        with pytest.raises(ValueError, match=f"--crop {bad}: must be a multiple of 2 .* at most the 16px"):
+            train(TrainConfig(out=str(tmp_path / "b"), steps=1, **{**FAST, "crop": bad}), progress=False)
+    with pytest.raises(ValueError, match="--crop.*only --task superres"):
+        TrainConfig(crop=8).validate()

@@ -45,6 +45,40 @@ def test_resume_is_bit_exact(tmp_path):
     assert [r["step"] for r in log] == [2, 4, 6, 8]
 
 
+def test_cosine_learning_rate_decays_over_the_budget_and_resumes_exactly(tmp_path):
+    import math
+    import shutil
+
+    cfg = dict(FAST, steps=8, lr_schedule="cosine")
+    straight = train(TrainConfig(out=str(tmp_path / "a"), **cfg), progress=False)
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    # each record carries the lr of its window's last step s - 1: warm-up over 2 steps, then cos over 8
+    expected = [2e-3 * min(1, r["step"] / 2) * 0.5 * (1 + math.cos(math.pi * (r["step"] - 1) / 8)) for r in log]
+    assert [r["lr"] for r in log] == pytest.approx(expected, rel=1e-12)
+    # a copy cut back to its step-4 checkpoint and resumed gets the same weights
+    shutil.copytree(straight, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000008")
+    (tmp_path / "b" / "latest").write_text("checkpoints/step-00000004\n")
+    resumed = train(TrainConfig(out=str(tmp_path / "b"), **cfg), resume=True, progress=False)
+    model_a, ema_a = _weights(straight)
+    model_b, ema_b = _weights(resumed)
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_learning_rate_schedules():
+    from diffusekit.train.core import learning_rate
+
+    cfg = TrainConfig(lr=1.0, warmup_steps=1, lr_schedule="cosine")
+    assert learning_rate(cfg, 10, 0.0) == 1.0
+    assert learning_rate(cfg, 10, 0.5) == pytest.approx(0.5)
+    assert learning_rate(cfg, 10, 1.0) == pytest.approx(0.0, abs=1e-15)
+    assert learning_rate(cfg, 10, 3.0) == pytest.approx(0.0, abs=1e-15)  # past the budget: stays at 0
+    assert learning_rate(TrainConfig(lr=1.0, warmup_steps=1), 10, 0.9) == 1.0  # constant ignores the budget
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        TrainConfig(lr_schedule="linear").validate()
+
+
 def test_a_new_run_refuses_to_clobber_an_old_one(tmp_path):
     run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
     with pytest.raises(ValueError, match="--resume .* --overwrite"):

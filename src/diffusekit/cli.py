@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after warm-up: constant (default) or "
+                   "a cosine decay to 0 over the --steps/--minutes budget")
     p.add_argument("--adam-eps", type=float)
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--ema-decay", type=float)
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("generate", "superres"),
                    help="generate (default) or superres: an SR3 model that upscales the data by --scale")
     p.add_argument("--scale", type=int, help="superres: the upscaling factor (default 2)")
+    p.add_argument("--crop", type=int, metavar="SIDE", help="superres: train on random SIDE x SIDE crops "
+                   "(cheaper steps; the model still upscales whole images)")
     p.add_argument("--aug-max", type=float, help="superres: highest noise-conditioning augmentation level in "
                    "training, a fraction of the schedule (default 0.5)")
     p.add_argument("--cond-dropout", type=float, help="how often labels/captions are dropped (default 0.1)")

@@ -37,6 +37,19 @@ from .checkpoint import load_state_strict, read_config, read_weights, resolve_ch
 RESUME_OVERRIDES = ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(cfg, step: int, spent: float) -> float:
+    """The learning rate at `step`: linear warm-up, then constant or a cosine decay to 0 over the
+    budget. `spent` in [0, 1] is how much of the budget is spent (steps or wall-clock, whichever
+    is further): decaying with the budget itself is what lets a minutes-long run end on small steps."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, spent)))
+    return lr
+
+
 class StopTraining(Exception):
     """Raised when the loss stops being finite; the last good checkpoint is kept."""
 
@@ -66,6 +79,8 @@ def validate_loop_settings(cfg) -> None:
         fail("ema_decay", "must lie in [0, 1)")
     if cfg.lr <= 0:
         fail("lr", "must be > 0")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        fail("lr_schedule", f"unknown {cfg.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
 
 
 def config_from_dict(cls, d: dict):
@@ -222,7 +237,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    start_step = 0
+    start_step, start_progress = 0, 0.0
     if resume:
         folder = resolve_checkpoint(run_dir)
         job.check_resumable(read_config(folder), folder)
@@ -235,6 +250,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         job.load_state_dict(state.get("job", {}))
         torch.set_rng_state(state["torch_rng"])
         start_step = int(state["step"])
+        start_progress = float(state.get("lr_progress", 0.0))
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # dropout masks differ across ranks
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
@@ -247,7 +263,17 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         _rewrite_log(log_path, history)
 
     total = cfg.steps if cfg.steps is not None else (None if cfg.minutes else 2000)
-    deadline = time.monotonic() + cfg.minutes * 60 if cfg.minutes else None
+    started = time.monotonic()
+    deadline = started + cfg.minutes * 60 if cfg.minutes else None
+    spent = start_progress
+
+    def budget_spent(step: int, now: float) -> float:
+        """The spent fraction of the budget. A resumed minutes budget covers what was left at the
+        checkpoint (a cosine decay goes on from where it stopped instead of restarting)."""
+        p = step / total if total else 0.0
+        if deadline is not None:
+            p = max(p, start_progress + (1 - start_progress) * (now - started) / (cfg.minutes * 60))
+        return min(1.0, p)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     local = cfg.batch_size // ddp.world
     micro = local // cfg.grad_accum
@@ -256,7 +282,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         if ddp.main:
             train_state = {"step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                            "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else {},
-                           "job": job.state_dict()}
+                           "job": job.state_dict(), "lr_progress": spent}
             save_checkpoint(run_dir, step, job.config, ema.state_dict(), train_state, extra=job.extra_weights())
             _save_loss_plot(run_dir, history)
         if ddp.world > 1:
@@ -305,10 +331,11 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
             now = time.monotonic()
             stop = (total is not None and step >= total) or (deadline is not None and now >= deadline)
             save_due = cfg.save_minutes is not None and now - last_save >= cfg.save_minutes * 60 and step > start_step
-            if ddp.world > 1:  # every rank must take the same decisions at the same step
-                flags = torch.tensor([float(stop), float(save_due)], device=device)
+            spent = budget_spent(step, now)
+            if ddp.world > 1:  # every rank must take the same decisions (and learning rate) at the same step
+                flags = torch.tensor([float(stop), float(save_due), spent], device=device, dtype=torch.float64)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop, save_due = bool(flags[0].item()), bool(flags[1].item())
+                stop, save_due, spent = bool(flags[0].item()), bool(flags[1].item()), flags[2].item()
             if stop:
                 break
             if save_due and step % cfg.checkpoint_every:  # not already saved at this step
@@ -317,7 +344,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
                 last_save = now
 
             batch = job.batch(step, slice(ddp.rank * local, (ddp.rank + 1) * local))
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            lr = learning_rate(cfg, step, spent)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             total_loss, metrics = 0.0, {}

@@ -11,6 +11,7 @@ bit-exact and N processes equal one.
 from __future__ import annotations
 
 import inspect
+import math
 import time  # noqa: F401  (the core's clock; tests patch it as loop.time.monotonic)
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ class TrainConfig:
     task: str = "generate"  # generate | superres (SR3: the U-Net also sees the image downsampled by `scale`)
     scale: int = 2  # superres: the upscaling factor
     aug_max: float = 0.5  # superres: training noises the low-resolution input to a level drawn from [0, aug_max]
+    crop: int | None = None  # superres: train on random crops of this side (the U-Net is convolutional, so it
+    # upscales whole images afterwards, and a step costs (crop / resolution)^2 of a whole-image step)
     cond_dropout: float = 0.1  # labels/captions dropped to "unconditional" this often (for guidance)
     sample_guidance: float = 3.0  # guidance scale of the preview grids of conditional runs
     weighting: str = "min_snr"  # min-SNR-5 converges faster than L_simple (Hang et al. 2023)
@@ -64,6 +67,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # or cosine: decays to 0 over the --steps/--minutes budget
     grad_clip: float = 1.0
     ema_decay: float = 0.995  # a ~200-step horizon suits minutes-long CPU runs; raise it for long runs
     dropout: float | None = None  # default: the preset's
@@ -109,6 +113,11 @@ class TrainConfig:
                 fail("aug_max", f"must lie in [0, 1], got {self.aug_max}")
             if self.autoencoder:
                 fail("task", "super-resolution works in pixel space; leave out --autoencoder")
+        if self.crop is not None:
+            if self.task != "superres":
+                fail("crop", "only --task superres trains on crops (a generator would learn to draw crops)")
+            if self.crop < 1:
+                fail("crop", f"must be >= 1, got {self.crop}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -169,6 +178,16 @@ def _check_conditioning(cfg: TrainConfig, data) -> None:
                          f"that is a multiple of it")
 
 
+def _check_crop(cfg: TrainConfig, data, model_config: dict) -> None:
+    if cfg.crop is None:
+        return
+    net = UNetConfig.from_dict(model_config)
+    step = math.lcm(cfg.scale, net.patch_size * 2 ** (len(net.block_out_channels) - 1))
+    if cfg.crop > data.resolution or cfg.crop % step:
+        raise ValueError(f"--crop {cfg.crop}: must be a multiple of {step} (the scale and the U-Net's downsampling) "
+                         f"and at most the {data.resolution}px image side")
+
+
 def _checkpoint_config(cfg: TrainConfig, model_config: dict, images, latents: LatentData | None,
                        ae_source: dict | None) -> dict:
     config = {
@@ -219,7 +238,8 @@ class DiffusionJob(Job):
         idx = global_batch_indices(cfg.seed, step, cfg.batch_size, len(data))
         g = _step_generator(cfg.seed, step, 1)
         sigma = sample_training_sigmas(self.denoiser, cfg.batch_size, generator=g)
-        noise = torch.randn((cfg.batch_size, data.channels, data.resolution, data.resolution), generator=g)
+        side = cfg.crop or data.resolution
+        noise = torch.randn((cfg.batch_size, data.channels, side, side), generator=g)
         flips = torch.rand(cfg.batch_size, generator=g) < 0.5
         if self.latent:  # a fresh posterior sample of each cached latent, from its own stream
             eps = torch.randn(noise.shape, generator=_step_generator(cfg.seed, step, 2))
@@ -228,6 +248,12 @@ class DiffusionJob(Job):
             x0, labels = data.batch(idx[rows])
         if cfg.flip:  # latents: flipping the latent grid stands in for encoding the flipped image
             x0 = torch.where(flips[rows, None, None, None], x0.flip(-1), x0)
+        if cfg.crop is not None:  # offsets on the low-resolution grid, so a crop's degraded version is a crop of
+            # the whole image's; drawn for the global batch from their own stream (any rank layout)
+            cells = (data.resolution - cfg.crop) // cfg.scale + 1
+            offsets = torch.randint(cells, (cfg.batch_size, 2), generator=_step_generator(cfg.seed, step, 4))[rows]
+            x0 = torch.stack([img[:, r:r + cfg.crop, c:c + cfg.crop]
+                              for img, (r, c) in zip(x0, (offsets * cfg.scale).tolist())])
         x0, sigma, noise = x0.to(device), sigma[rows].to(device), noise[rows].to(device)
         class_labels = captions = None
         if cfg.class_conditional or self.text_encoder is not None:  # drawn only then: unconditional runs keep their streams
@@ -314,6 +340,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             torch.manual_seed(cfg.seed)
             text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device)
     model_config = _model_config(cfg, data, text_encoder.dim if text_encoder is not None else None)
+    _check_crop(cfg, data, model_config)
     ckpt_config = _checkpoint_config(cfg, model_config, images, data if cfg.autoencoder else None, ae_source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = UNet(UNetConfig.from_dict(model_config)).to(device)
