@@ -196,29 +196,32 @@ def bench_inpaint(args, run: Path) -> list[dict]:
         rows.append(dict(mask=kind, method="original (ceiling)", **ceiling))
         rows.append(dict(mask=kind, method="masked, black (floor)", **scores(black, labels, data)))
         rows.append(dict(mask=kind, method="masked, grey (floor)", **scores(grey, labels, data)))
-        for method in ("repaint", "replace"):
+        variants = [(m, 0.0) for m in args.methods] + [(m, args.reconstruction) for m in args.methods
+                                                        if args.reconstruction > 0]
+        for method, weight in variants:
             start = time.perf_counter()
             out = inpaint(model.denoiser, model.schedule, images, mask, method=method, sampler=args.sampler,
                           steps=args.steps, jump_length=args.jump_length, resample=args.resample, seed=args.seed,
-                          clip=model.sample_clip)
+                          clip=model.sample_clip, reconstruction=weight)
             seconds = time.perf_counter() - start
             kept = (out - images)[(~mask.bool()).expand_as(images)].abs().max().item()
-            filled[method] = out
             nfe = repaint_nfe if method == "repaint" else args.steps
             label = (f"RePaint j{args.jump_length} r{args.resample}" if method == "repaint" else "replace")
+            label += f" + recon {weight:g}" if weight else ""
+            filled[label] = out
             rows.append(dict(mask=kind, method=label, **scores(out, labels, data), nfe=nfe, seconds=seconds, kept=kept))
             _log(f"{kind} {label}: acc {rows[-1]['acc']:.3f} ({seconds:.0f} s, known region max |diff| {kept:.2g})")
-        save_rows([images, grey, filled["repaint"], filled["replace"]], Path(args.work) / f"inpaint_{kind}.png")
+        save_rows([images, grey, *filled.values()], Path(args.work) / f"inpaint_{kind}.png")
     print()
     print(f"Inpainting {args.n} held-out {data} digits (the classifier's held-out split; model {run}, "
           f"{describe_run(run)}); {args.sampler}, {args.steps}-step karras schedule, seed {args.seed}")
     print("acc: classifier's top class of 11 (junk = wrong) is the original's label; acc10: junk class ignored; "
           "junk: rated not-a-digit")
-    print(f"{'mask':7} {'method':24} {'acc':>6} {'acc10':>6} {'junk':>6} {'NFE':>5} {'s':>6}")
+    print(f"{'mask':7} {'method':30} {'acc':>6} {'acc10':>6} {'junk':>6} {'NFE':>5} {'s':>6}")
     for r in rows:
         nfe = f"{r['nfe']:5d}" if "nfe" in r else " " * 5
         sec = f"{r['seconds']:6.0f}" if "seconds" in r else " " * 6
-        print(f"{r['mask']:7} {r['method']:24} {r['acc']:6.3f} {r['acc10']:6.3f} {r['junk']:6.3f} {nfe} {sec}")
+        print(f"{r['mask']:7} {r['method']:30} {r['acc']:6.3f} {r['acc10']:6.3f} {r['junk']:6.3f} {nfe} {sec}")
     print()
     return rows
 
@@ -373,6 +376,9 @@ def main(argv=None) -> None:
     p.add_argument("--jump-length", type=int, default=10)
     p.add_argument("--resample", type=int, default=10)
     p.add_argument("--masks", nargs="+", default=["centre", "right"], choices=["centre", "right"])
+    p.add_argument("--methods", nargs="+", default=["repaint", "replace"], choices=["repaint", "replace"])
+    p.add_argument("--reconstruction", type=float, default=20.0,
+                   help="inpaint: also run each method with reconstruction guidance of this weight (0: skip)")
     # part 2
     p.add_argument("--sr-run", help="superres: an existing MNIST --task superres --scale 2 run (else train one)")
     p.add_argument("--sr-minutes", type=float, default=12)

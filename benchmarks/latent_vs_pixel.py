@@ -75,6 +75,8 @@ def main() -> None:
     p.add_argument("--ae-crop", type=int, default=32, help="autoencoder training crops (64 = whole images)")
     p.add_argument("--ae-batch-size", type=int, default=16)
     p.add_argument("--ae-loss", choices=("l2", "l1"), default="l2")
+    p.add_argument("--ae-whole-after", type=float, default=0.6,
+                   help="train the autoencoder on whole images after this fraction of --ae-minutes (crops before)")
     p.add_argument("--ae-lr-schedule", choices=("constant", "cosine"), default="cosine",
                    help="cosine: decay to 0 over --ae-minutes (a constant 2e-3 spiked late in training)")
     p.add_argument("--ae-only", action="store_true", help="train and score the autoencoder only")
@@ -96,7 +98,7 @@ def main() -> None:
     if not args.ae_run:
         train_autoencoder(AutoencoderTrainConfig(data="shapes", resolution=SIZE, preset="small", lr=2e-3,
                                                  batch_size=args.ae_batch_size, crop=args.ae_crop, loss=args.ae_loss,
-                                                 lr_schedule=args.ae_lr_schedule,
+                                                 lr_schedule=args.ae_lr_schedule, whole_after=args.ae_whole_after,
                                                  minutes=args.ae_minutes, checkpoint_every=10**6, sample_every=10**6,
                                                  log_every=10,
                                                  out=str(ae_dir)), overwrite=True, progress=False)

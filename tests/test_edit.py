@@ -79,6 +79,36 @@ def test_repaint_keeps_a_multimodal_fill_in_the_mode_the_known_half_implies():
     assert wrong_mode("replace") > 0.1
 
 
+def test_reconstruction_guidance_is_the_gradient_step_in_closed_form():
+    """For a linear denoiser D(x) = G x the guided estimate is G x + w G^T (keep * (known - G x))."""
+    from diffusekit.pipelines.edit import ReconstructionGuidedDenoiser
+
+    gauss = CorrelatedGaussian()
+    known = torch.randn(3, *SHAPE, dtype=torch.float64)
+    keep = 1 - RIGHT_HALF.to(torch.float64)
+    x = torch.randn(3, *SHAPE, dtype=torch.float64) * 2
+    sigma = torch.full((3,), 1.7, dtype=torch.float64)
+    gain = gauss.cov @ torch.linalg.inv(gauss.cov + 1.7**2 * torch.eye(16, dtype=torch.float64))
+    flat = x.reshape(3, 16)
+    residual = (keep.reshape(1, 16) * (known.reshape(3, 16) - flat @ gain.T))
+    expected = flat @ gain.T + 4.0 * residual @ gain
+    got = ReconstructionGuidedDenoiser(gauss.denoiser, known, keep, 4.0)(x, sigma)
+    torch.testing.assert_close(got.reshape(3, 16), expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # samplers run without autograd; the guidance turns it on for itself
+        torch.testing.assert_close(ReconstructionGuidedDenoiser(gauss.denoiser, known, keep, 4.0)(x, sigma), got)
+
+
+def test_reconstruction_guidance_puts_the_fill_in_the_mode_the_known_half_implies():
+    mixture = GaussianMixture([[1.0] * 16, [-1.0] * 16], 0.5)
+    image = torch.full((400, *SHAPE), 0.5)
+    fill = RIGHT_HALF.flatten().bool()
+    out = inpaint(mixture.denoiser, SCHED, image, RIGHT_HALF, method="replace", steps=50, seed=1, reconstruction=3.0)
+    assert float((out.flatten(1)[:, fill].mean(1) < 0).float().mean()) < 0.02  # replace alone: > 0.1 (above)
+    assert torch.equal(out.flatten(1)[:, ~fill], image.flatten(1)[:, ~fill])
+    with pytest.raises(ValueError, match="reconstruction .* >= 0"):
+        inpaint(mixture.denoiser, SCHED, image, RIGHT_HALF, reconstruction=-1.0)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "ddim", "heun", "unipc", "dpmpp_sde",
                                      "dpm_adaptive"])
 @pytest.mark.parametrize("method", ["repaint", "replace"])
@@ -248,7 +278,7 @@ def test_cli_round_trip_keeps_the_known_pixels(run, tmp_path, capsys):
     out = np.asarray(Image.open(tmp_path / "out.png"))
     assert out.shape == (8, 8)
     assert np.array_equal(out[mask == 0], pixels[mask == 0])
-    assert "wrote" in capsys.readouterr().out
+    assert "reconstruction guidance 20," in capsys.readouterr().out  # on by default for runs
 
     _cli(["img2img", run, "--image", source, "--strength", 0.5, "--steps", 4, "-o", tmp_path / "i2i.png"])
     assert np.asarray(Image.open(tmp_path / "i2i.png")).shape == (8, 8)
@@ -256,8 +286,9 @@ def test_cli_round_trip_keeps_the_known_pixels(run, tmp_path, capsys):
     # a grey mask is thresholded at half, with a note
     soft = _png(tmp_path / "soft.png", mask * 0.8)
     _cli(["inpaint", run, "--image", source, "--mask", soft, "-o", tmp_path / "soft_out.png", "--method", "replace",
-          "--steps", 3])
-    assert "pixels >= 128 count as fill" in capsys.readouterr().err
+          "--steps", 3, "--reconstruction", 0])
+    captured = capsys.readouterr()
+    assert "pixels >= 128 count as fill" in captured.err and "reconstruction guidance 0," in captured.out
     assert np.array_equal(np.asarray(Image.open(tmp_path / "soft_out.png"))[mask == 0], pixels[mask == 0])
 
 

@@ -77,9 +77,11 @@ def test_autoencoder_trains_on_crops_and_encodes_whole_images(tmp_path, monkeypa
         return original(self, batch, part)
 
     monkeypatch.setattr(AutoencoderJob, "loss", spy)
-    run = train_autoencoder(AutoencoderTrainConfig(out=str(tmp_path / "ae"), steps=2, crop=8, **AE_FAST), progress=False)
+    run = train_autoencoder(AutoencoderTrainConfig(out=str(tmp_path / "ae"), steps=4, crop=8, whole_after=0.5,
+                                                   **AE_FAST), progress=False)
     monkeypatch.undo()
-    assert seen and all(shape[-2:] == (8, 8) for shape in seen)
+    # crops for the first half of the budget, whole images after it
+    assert [shape[-2:] for shape in seen] == [(8, 8)] * 2 + [(16, 16)] * 2
     ae, _ = load_autoencoder(run)
     assert ae.encode(torch.zeros(2, 1, 16, 16)).mean.shape == (2, 4, 4, 4)  # whole images afterwards
     for crop in (6, 32):  # not a multiple of the factor 4; larger than the 16px images
@@ -87,6 +89,9 @@ def test_autoencoder_trains_on_crops_and_encodes_whole_images(tmp_path, monkeypa
             train_autoencoder(AutoencoderTrainConfig(out=str(tmp_path / f"bad{crop}"), steps=1, crop=crop, **AE_FAST),
                               progress=False)
         assert not (tmp_path / f"bad{crop}").exists()
+    for bad, why in (({"whole_after": 0.5}, "only with --crop"), ({"crop": 8, "whole_after": 1.0}, "in \\[0, 1\\)")):
+        with pytest.raises(ValueError, match=f"--whole-after: .*{why}"):
+            AutoencoderTrainConfig(**bad).validate()
 
 
 def test_scale_factor_round_trip(autoencoder):

@@ -187,6 +187,9 @@ def test_superres_trains_on_crops_aligned_to_the_low_resolution_grid(tmp_path, m
     model = load(run)
     high = upscale(model.denoiser, model.schedule, torch.zeros(1, 1, 8, 8), 2, steps=2)
     assert high.shape == (1, 1, 16, 16)
+    seen.clear()  # --whole-after: crops for the first half of the budget, whole images after it
+    train(TrainConfig(out=str(tmp_path / "w"), steps=2, crop=8, whole_after=0.5, **FAST), progress=False)
+    assert [tuple(x0.shape[-2:]) for x0 in seen] == [(8, 8), (16, 16)]
     for bad in (7, 18):  # off the low-resolution grid; larger than the images
         with pytest.raises(ValueError, match=f"--crop {bad}: must be a multiple of 2 .* at most the 16px"):
             train(TrainConfig(out=str(tmp_path / "b"), steps=1, **{**FAST, "crop": bad}), progress=False)

@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, help="superres: the upscaling factor (default 2)")
     p.add_argument("--crop", type=int, metavar="SIDE", help="superres: train on random SIDE x SIDE crops "
                    "(cheaper steps; the model still upscales whole images)")
+    p.add_argument("--whole-after", type=float, metavar="FRACTION", help="with --crop: train on whole images "
+                   "once this fraction of the budget is spent, so normalisation sees whole images")
     p.add_argument("--aug-max", type=float, help="superres: highest noise-conditioning augmentation level in "
                    "training, a fraction of the schedule (default 0.5)")
     p.add_argument("--cond-dropout", type=float, help="how often labels/captions are dropped (default 0.1)")

@@ -10,6 +10,15 @@ after some steps the whole image is noised back up `jump_length` levels (x + sqr
 which is q(x_hi | x_lo) in sigma space for VP and VE models alike) and walked down again, `resample`
 times in all, so the generated region has time to agree with the pasted one.
 
+Reconstruction guidance (Ho et al. 2022, "Video Diffusion Models", sec. 3.1), `reconstruction=w`,
+goes further than pasting: each denoised estimate D(x) is moved against the gradient, with respect
+to x, of its squared error on the known pixels, D(x) - (w / 2) grad_x |known - D(x)|^2. Pasting
+only fixes the known pixels of x; the gradient tells the model's estimate of the *unknown* pixels
+which way makes the known ones come out right, so the fill is chosen to agree with them. It costs
+one backward pass per model evaluation (about 2-3x the time). On held-out 8x8 digits with the right
+half masked, replace-only fills were the original digit 51% of the time, with w = 20 85%
+(benchmarks/editing.py).
+
 Multistep samplers (lms, deis, ipndm, plms, pndm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, unipc) keep
 a history of model outputs from one smooth trajectory. Pasting changes x after every step and RePaint
 even walks upwards, so that history would describe a path the sample is no longer on. Each interval
@@ -40,6 +49,7 @@ from ..sampling import get_sampler, initial_noise, randn_like, sample, seeded_ge
 from ..schedules import NoiseSchedule
 
 METHODS = ("repaint", "replace")
+DEFAULT_RECONSTRUCTION = 20.0  # of `diffusekit inpaint` (the library's `inpaint` defaults to 0: off)
 
 # The three noise streams of a request (the first two as in `generate`, so img2img at strength 1
 # and inpainting with everything masked start exactly where `generate` does).
@@ -70,11 +80,31 @@ def repaint_path(steps: int, jump_length: int, resample: int) -> list[int]:
     return path
 
 
-def _batch_denoiser(denoiser, rows: slice, uncond: dict | None, guidance: float, clip):
-    """The denoiser for one batch of rows: classifier-free guidance, then clamping (as `generate`)."""
+class ReconstructionGuidedDenoiser(torch.nn.Module):
+    """D(x) - (weight / 2) grad_x sum over known pixels of (known - D(x))^2 (module notes).
+    `known` and `keep` (1 = known pixel) are [B or 1, ...] like the batch it denoises."""
+
+    def __init__(self, denoiser, known: Tensor, keep: Tensor, weight: float):
+        super().__init__()
+        self.denoiser, self.known, self.keep, self.weight = denoiser, known, keep, weight
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            denoised = self.denoiser(x, sigma, **cond)
+            error = ((self.known - denoised) * self.keep).square().sum()
+            (grad,) = torch.autograd.grad(error, x)
+        return (denoised - 0.5 * self.weight * grad).detach()
+
+
+def _batch_denoiser(denoiser, rows: slice, uncond: dict | None, guidance: float, clip, reconstruction=None):
+    """The denoiser for one batch of rows: classifier-free guidance, reconstruction guidance
+    (`(known, keep, weight)` or None), then clamping (as `generate`)."""
     if guidance != 1.0:
         batch_uncond = {k: v if v.shape[0] == 1 else v[rows] for k, v in uncond.items()}
         denoiser = GuidedDenoiser(denoiser, guidance, batch_uncond)
+    if reconstruction is not None:
+        denoiser = ReconstructionGuidedDenoiser(denoiser, *reconstruction)
     return denoiser if clip is None else ClampedDenoiser(denoiser, *clip)
 
 
@@ -101,7 +131,8 @@ def inpaint(denoiser, schedule: NoiseSchedule, image: Tensor, mask: Tensor, *, m
             sampler: str = "ddpm", steps: int = 50, spacing: str = "karras", jump_length: int = 10,
             resample: int = 10, seed: int = 0, batch_size: int = 256, cond: dict | None = None,
             uncond: dict | None = None, guidance: float = 1.0, clip: tuple[float, float] | None = None,
-            progress: bool = False, sigmas: Tensor | None = None, **options) -> Tensor:
+            progress: bool = False, sigmas: Tensor | None = None, reconstruction: float = 0.0,
+            **options) -> Tensor:
     """Fill the pixels where `mask` is 1 so that they fit the rest of `image`; [B, C, ...] like image.
 
     image: [B, C, ...] in the model's data space ([-1, 1] for pixel models). mask: 0/1 (or bool),
@@ -111,6 +142,7 @@ def inpaint(denoiser, schedule: NoiseSchedule, image: Tensor, mask: Tensor, *, m
     with DDPM's sampler, the default here). The sampler takes one step per level walked down:
     `steps` plus jump_length per jump (410 for 50 steps with 10 and 10), each at its single-step
     cost (see the module notes on multistep samplers); `**options` are the sampler's own.
+    `reconstruction` > 0 adds reconstruction guidance of that weight (module notes; 0 = off).
     Conditioning, guidance and clip work as in `generate`; `sigmas` (a whole sequence) replaces
     `steps` and `spacing`."""
     if sigmas is not None:
@@ -118,6 +150,8 @@ def inpaint(denoiser, schedule: NoiseSchedule, image: Tensor, mask: Tensor, *, m
     _check_common(image, steps, cond, uncond, guidance, sampler, batch_size)
     if method not in METHODS:
         raise ValueError(f"unknown inpainting method {method!r}; valid: {', '.join(METHODS)}")
+    if not (isinstance(reconstruction, (int, float)) and math.isfinite(reconstruction) and reconstruction >= 0):
+        raise ValueError(f"reconstruction (the guidance weight) must be a finite number >= 0, got {reconstruction!r}")
     mask = torch.as_tensor(mask)
     batch, channels = image.shape[:2]
     if (mask.ndim != image.ndim or mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, channels)
@@ -138,7 +172,8 @@ def inpaint(denoiser, schedule: NoiseSchedule, image: Tensor, mask: Tensor, *, m
         paste_gens = seeded_generators(seed + _PASTE, count, start=start)
         known, known_fill = image[rows], (fill[rows] if fill.shape[0] > 1 else fill)
         batch_cond = None if cond is None else {k: v[rows] for k, v in cond.items()}
-        batch_denoiser = _batch_denoiser(denoiser, rows, uncond, guidance, clip)
+        guide = (known, (~known_fill).to(known.dtype), reconstruction) if reconstruction > 0 else None
+        batch_denoiser = _batch_denoiser(denoiser, rows, uncond, guidance, clip, guide)
 
         x = initial_noise(known.shape, sigmas[0], variance_preserving=schedule.is_discrete, dtype=known.dtype,
                           generator=seeded_generators(seed + _START, count, start=start)).to(known.device)
@@ -282,8 +317,12 @@ def _run_inpaint(args) -> None:
     if _stable_diffusion_args(args):
         from .stable_diffusion import run_command
 
+        if args.reconstruction:
+            raise ValueError("--reconstruction is for diffusekit runs; Stable Diffusion inpainting pastes latents "
+                             "(--method replace or repaint) or uses an inpainting U-Net")
         return run_command(args, "inpaint")
-    _resolve_defaults(args, sampler="ddpm", steps=50, spacing="karras", guidance=3.0, method="repaint")
+    _resolve_defaults(args, sampler="ddpm", steps=50, spacing="karras", guidance=3.0, method="repaint",
+                      reconstruction=DEFAULT_RECONSTRUCTION)
 
     path = repaint_path(args.steps, args.jump_length, args.resample) if args.method == "repaint" else None
     model = load(args.run_dir, device=args.device)
@@ -297,14 +336,14 @@ def _run_inpaint(args) -> None:
     x = inpaint(model.denoiser, model.schedule, known, mask_known, method=args.method, sampler=args.sampler,
                 steps=args.steps, spacing=args.spacing, jump_length=args.jump_length, resample=args.resample,
                 seed=args.seed, cond=cond, uncond=uncond, guidance=guidance,
-                clip=None if args.no_clip else model.sample_clip, progress=True)
+                clip=None if args.no_clip else model.sample_clip, progress=True, reconstruction=args.reconstruction)
     x = model.decode(x, check_scale=False)
     if model.autoencoder is not None:  # decoding blurs the seam; keep the known pixels exactly anyway
         x = torch.where(mask.bool(), x, image)
     save_image(tensor_to_pil(x[0]), args.output)
     walked = args.steps if path is None else sum(b > a for a, b in zip(path, path[1:]))
-    print(f"wrote {args.output} (inpaint, {args.method}, {args.sampler}, {walked} sampler steps for a "
-          f"{args.steps}-step schedule, seed {args.seed}) from {model.path}")
+    print(f"wrote {args.output} (inpaint, {args.method}, reconstruction guidance {args.reconstruction:g}, "
+          f"{args.sampler}, {walked} sampler steps for a {args.steps}-step schedule, seed {args.seed}) from {model.path}")
 
 
 def _run_img2img(args) -> None:
@@ -361,6 +400,9 @@ def add_edit_parsers(subparsers) -> None:
                    help="repaint (resampling; default for runs) or replace (paste only; default for Stable Diffusion)")
     p.add_argument("--jump-length", type=int, default=10, help="RePaint: levels per jump back up (default 10)")
     p.add_argument("--resample", type=int, default=10, help="RePaint: passes over each stretch (default 10)")
+    p.add_argument("--reconstruction", type=float, metavar="W",
+                   help=f"reconstruction guidance weight: pull each denoised estimate towards agreeing with the "
+                        f"known pixels (default {DEFAULT_RECONSTRUCTION:g}; 0 = off, about 2x faster)")
     p.add_argument("--strength", type=float, help="Stable Diffusion inpainting U-Nets: start below pure noise")
     p.set_defaults(run=_run_inpaint)
 

@@ -25,7 +25,7 @@ from ..data import load_dataset
 from ..images import psnr
 from ..nn.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from .checkpoint import FORMAT, VERSION
-from .core import (Job, check_devices, config_from_dict, fit, global_batch_indices, init_distributed,
+from .core import (Job, check_crop_settings, check_devices, config_from_dict, cropping, fit, global_batch_indices, init_distributed,
                    resumed_settings, step_generator, validate_loop_settings)
 
 
@@ -62,6 +62,7 @@ class AutoencoderTrainConfig:
     flip: bool = False
     crop: int | None = None  # train on random crops of this side: the network is convolutional, so it
     # encodes full images afterwards, and each step costs (crop / resolution)^2 of a full-image step
+    whole_after: float | None = None  # with crop: whole images once this fraction of the budget is spent
     checkpoint_every: int = 1000
     sample_every: int = 1000
     save_minutes: float | None = None
@@ -84,8 +85,7 @@ class AutoencoderTrainConfig:
             fail("disc_start", "must be >= 0")
         if self.disc_weight < 0:
             fail("disc_weight", "must be >= 0")
-        if self.crop is not None and self.crop < 1:
-            fail("crop", f"must be >= 1, got {self.crop}")
+        check_crop_settings(self)
         if self.disc_layers < 1 or self.disc_channels < 8:
             fail("disc_layers", "needs >= 1 layer of >= 8 channels")
         if self.latent_channels is not None and self.latent_channels < 1:
@@ -158,7 +158,7 @@ class AutoencoderJob(Job):
         x, _ = self.data.batch(idx[rows])
         if cfg.flip:
             x = torch.where(flips[rows, None, None, None], x.flip(-1), x)
-        if cfg.crop is not None and cfg.crop < x.shape[-1]:  # offsets drawn for the global batch: any rank layout
+        if cropping(cfg, self.spent) and cfg.crop < x.shape[-1]:  # offsets for the global batch: any rank layout
             offsets = torch.randint(x.shape[-1] - cfg.crop + 1, (cfg.batch_size, 2),
                                     generator=step_generator(cfg.seed, step, 2))[rows]
             x = torch.stack([img[:, r:r + cfg.crop, c:c + cfg.crop] for img, (r, c) in zip(x, offsets.tolist())])
@@ -326,6 +326,8 @@ def add_parser(sub) -> None:
     p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--crop", type=int, metavar="SIDE", help="train on random SIDE x SIDE crops (a multiple of "
                    "the downsampling factor): cheaper steps, and the autoencoder still encodes whole images")
+    p.add_argument("--whole-after", type=float, metavar="FRACTION", help="with --crop: train on whole images "
+                   "once this fraction of the budget is spent (e.g. 0.8), so normalisation sees whole images")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--sample-every", type=int)
     p.add_argument("--save-minutes", type=float)

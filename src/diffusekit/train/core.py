@@ -83,6 +83,24 @@ def validate_loop_settings(cfg) -> None:
         fail("lr_schedule", f"unknown {cfg.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
 
 
+def check_crop_settings(cfg) -> None:
+    """--crop / --whole-after, for the trainers that have them."""
+    if cfg.crop is not None and cfg.crop < 1:
+        raise ValueError(f"--crop: must be >= 1, got {cfg.crop}")
+    if cfg.whole_after is not None:
+        if cfg.crop is None:
+            raise ValueError("--whole-after: only with --crop (it ends crop training on whole images)")
+        if not 0 <= cfg.whole_after < 1:
+            raise ValueError(f"--whole-after: a fraction of the budget in [0, 1), got {cfg.whole_after}")
+
+
+def cropping(cfg, spent: float) -> bool:
+    """Whether this step trains on crops: --crop, until --whole-after of the budget is spent. Whole
+    images at the end matter because GroupNorm and attention see statistics over the whole image: a
+    network trained only on crops of mostly-background images drew a grey haze on whole ones."""
+    return cfg.crop is not None and (cfg.whole_after is None or spent < cfg.whole_after)
+
+
 def config_from_dict(cls, d: dict):
     """A trainer config from a saved `train` dict; fields added since are left at their defaults."""
     known = {f.name for f in fields(cls)}
@@ -170,6 +188,7 @@ class Job:
     net: nn.Module
     config: dict
     preview_columns: int | None = None  # columns of the preview grid (default: square)
+    spent: float = 0.0  # the fraction of the budget spent, set by `fit` before each `batch`
 
     def check_resumable(self, saved: dict, folder: Path) -> None:
         """Raise a ValueError when the checkpoint `folder` (config `saved`) holds another model."""
@@ -343,6 +362,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
                 samples(step)
                 last_save = now
 
+            job.spent = spent
             batch = job.batch(step, slice(ddp.rank * local, (ddp.rank + 1) * local))
             lr = learning_rate(cfg, step, spent)
             for group in optimizer.param_groups:

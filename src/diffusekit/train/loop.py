@@ -27,9 +27,9 @@ from ..pipelines.generate import generate
 from ..pipelines.superres import degrade, sr_conditioning, upscale
 from ..schedules import BETA_SCHEDULES, NoiseSchedule
 from .checkpoint import FORMAT, VERSION, read_config, resolve_checkpoint
-from .core import (Dist, Job, StopTraining, check_devices, config_from_dict, fit, global_batch_indices,  # noqa: F401
-                   init_distributed, read_log, resumed_settings, step_generator as _step_generator,
-                   validate_loop_settings)
+from .core import (Dist, Job, StopTraining, check_crop_settings, check_devices, config_from_dict,  # noqa: F401
+                   cropping, fit, global_batch_indices, init_distributed, read_log, resumed_settings,
+                   step_generator as _step_generator, validate_loop_settings)
 from .latent import AUTOENCODER_FILE, LatentData, check_fits, decode_latents, load_autoencoder
 
 
@@ -55,6 +55,7 @@ class TrainConfig:
     aug_max: float = 0.5  # superres: training noises the low-resolution input to a level drawn from [0, aug_max]
     crop: int | None = None  # superres: train on random crops of this side (the U-Net is convolutional, so it
     # upscales whole images afterwards, and a step costs (crop / resolution)^2 of a whole-image step)
+    whole_after: float | None = None  # with crop: whole images once this fraction of the budget is spent
     cond_dropout: float = 0.1  # labels/captions dropped to "unconditional" this often (for guidance)
     sample_guidance: float = 3.0  # guidance scale of the preview grids of conditional runs
     weighting: str = "min_snr"  # min-SNR-5 converges faster than L_simple (Hang et al. 2023)
@@ -113,11 +114,9 @@ class TrainConfig:
                 fail("aug_max", f"must lie in [0, 1], got {self.aug_max}")
             if self.autoencoder:
                 fail("task", "super-resolution works in pixel space; leave out --autoencoder")
-        if self.crop is not None:
-            if self.task != "superres":
-                fail("crop", "only --task superres trains on crops (a generator would learn to draw crops)")
-            if self.crop < 1:
-                fail("crop", f"must be >= 1, got {self.crop}")
+        if self.crop is not None and self.task != "superres":
+            fail("crop", "only --task superres trains on crops (a generator would learn to draw crops)")
+        check_crop_settings(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -238,7 +237,8 @@ class DiffusionJob(Job):
         idx = global_batch_indices(cfg.seed, step, cfg.batch_size, len(data))
         g = _step_generator(cfg.seed, step, 1)
         sigma = sample_training_sigmas(self.denoiser, cfg.batch_size, generator=g)
-        side = cfg.crop or data.resolution
+        crop = cropping(cfg, self.spent)
+        side = cfg.crop if crop else data.resolution
         noise = torch.randn((cfg.batch_size, data.channels, side, side), generator=g)
         flips = torch.rand(cfg.batch_size, generator=g) < 0.5
         if self.latent:  # a fresh posterior sample of each cached latent, from its own stream
@@ -248,7 +248,7 @@ class DiffusionJob(Job):
             x0, labels = data.batch(idx[rows])
         if cfg.flip:  # latents: flipping the latent grid stands in for encoding the flipped image
             x0 = torch.where(flips[rows, None, None, None], x0.flip(-1), x0)
-        if cfg.crop is not None:  # offsets on the low-resolution grid, so a crop's degraded version is a crop of
+        if crop:  # offsets on the low-resolution grid, so a crop's degraded version is a crop of
             # the whole image's; drawn for the global batch from their own stream (any rank layout)
             cells = (data.resolution - cfg.crop) // cfg.scale + 1
             offsets = torch.randint(cells, (cfg.batch_size, 2), generator=_step_generator(cfg.seed, step, 4))[rows]
