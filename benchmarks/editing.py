@@ -4,14 +4,15 @@
 
 Three parts, each selectable with --part (inpaint, superres, cascade, all):
 
-inpaint   A class-unconditional MNIST model fills held-out digits (the shipped MNIST classifier's
-          held-out split; the model is trained on the classifier's *training* split only, written
-          as PNGs to the work folder, so it never saw them) with the centre 14x14 or the right half
-          masked. RePaint (jump_length / resample, DDPM's sampler by default) against replace-only
-          (same sampler, same steps). Score: the MNIST classifier's accuracy (top class of all 11,
-          so "not a digit" counts as wrong) of the filled images against the originals' labels;
-          the masked inputs (masked pixels set to black background, and to mid-grey) are the
-          floor, the originals the ceiling.
+inpaint   A class-unconditional model of MNIST (or, --inpaint-data digits, scikit-learn's 8x8
+          digits) fills held-out digits (the shipped classifier's held-out split; the model is
+          trained on the classifier's *training* split only, written as PNGs to the work folder,
+          so it never saw them) with the centre or the right half masked. RePaint (jump_length /
+          resample, DDPM's sampler by default) against replace-only (same sampler, same steps),
+          each also with reconstruction guidance (--reconstruction). Score: the classifier's
+          accuracy (top class of all 11, so "not a digit" counts as wrong) of the filled images
+          against the originals' labels; the masked inputs (masked pixels set to black
+          background, and to mid-grey) are the floor, the originals the ceiling.
 superres  An SR3 model (--task superres --scale 2, trained on the same training split) upscales
           the held-out digits degraded to 14x14 (2x2 box filter), at augmentation level 0, against
           bicubic upsampling: PSNR (mean dB against the originals) and classifier accuracy.
@@ -117,7 +118,7 @@ def base_settings(args) -> dict:
 
 def cascade_sr_settings(args) -> dict:
     return dict(data="shapes", resolution=64, task="superres", scale=2, text_encoder="minilm", seed=args.seed,
-                crop=args.cascade_sr_crop)
+                crop=args.cascade_sr_crop, whole_after=args.cascade_sr_whole_after)
 
 
 
@@ -196,8 +197,8 @@ def bench_inpaint(args, run: Path) -> list[dict]:
         rows.append(dict(mask=kind, method="original (ceiling)", **ceiling))
         rows.append(dict(mask=kind, method="masked, black (floor)", **scores(black, labels, data)))
         rows.append(dict(mask=kind, method="masked, grey (floor)", **scores(grey, labels, data)))
-        variants = [(m, 0.0) for m in args.methods] + [(m, args.reconstruction) for m in args.methods
-                                                        if args.reconstruction > 0]
+        variants = ([] if args.guided_only else [(m, 0.0) for m in args.methods]) + \
+            [(m, args.reconstruction) for m in args.methods if args.reconstruction > 0]
         for method, weight in variants:
             start = time.perf_counter()
             out = inpaint(model.denoiser, model.schedule, images, mask, method=method, sampler=args.sampler,
@@ -379,6 +380,7 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=["repaint", "replace"], choices=["repaint", "replace"])
     p.add_argument("--reconstruction", type=float, default=20.0,
                    help="inpaint: also run each method with reconstruction guidance of this weight (0: skip)")
+    p.add_argument("--guided-only", action="store_true", help="inpaint: only the runs with reconstruction guidance")
     # part 2
     p.add_argument("--sr-run", help="superres: an existing MNIST --task superres --scale 2 run (else train one)")
     p.add_argument("--sr-minutes", type=float, default=12)
@@ -393,6 +395,8 @@ def main(argv=None) -> None:
     p.add_argument("--cascade-sr-minutes", type=float, default=8)
     p.add_argument("--cascade-sr-crop", type=int, default=32,
                    help="cascade: the SR stage trains on crops of this side (a 64x64 step is 4x dearer)")
+    p.add_argument("--cascade-sr-whole-after", type=float, default=0.6,
+                   help="cascade: ... and on whole images after this fraction of its budget")
     p.add_argument("--cascade-n", type=int, default=64, help="cascade: prompts (one image each)")
     p.add_argument("--cascade-aug", type=float, default=0.1, help="cascade: augmentation level of the base samples")
     p.add_argument("--cascade-guidance", type=float, default=3.0, help="cascade: guidance of both stages")
