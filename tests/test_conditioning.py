@@ -125,6 +125,10 @@ def test_old_run_configs_without_new_fields_still_resume(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     for field in ("patch_size", "pooled_context_dim"):  # fields added after the first checkpoints were written
         config["model"]["config"].pop(field)
+    del config["train"]["lr_schedule"]
     (folder / "config.json").write_text(json.dumps(config))
-    train(TrainConfig(out=str(run), steps=3, **FAST), resume=True, progress=False)
+    train(TrainConfig(out=str(run), steps=3, **{**FAST, "lr_schedule": "cosine"}), resume=True, progress=False)
     assert (run / "latest").read_text().strip().endswith("step-00000003")
+    # such a run trained at a constant rate before the option existed, and goes on doing so
+    resumed = json.loads((run / (run / "latest").read_text().strip() / "config.json").read_text())
+    assert resumed["train"]["lr_schedule"] == "constant"

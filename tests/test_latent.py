@@ -17,9 +17,9 @@ from diffusekit.train import AutoencoderTrainConfig, TrainConfig, load, load_aut
 from diffusekit.train.latent import LatentData, decode_latents
 
 AE_FAST = dict(data="digits", resolution=16, batch_size=8, checkpoint_every=3, sample_every=1000, num_samples=4,
-               log_every=2, warmup_steps=2, disc_channels=16)
+               log_every=2, warmup_steps=2, disc_channels=16, lr_schedule="constant")
 LD_FAST = dict(data="digits", resolution=16, batch_size=8, checkpoint_every=2, sample_every=1000, num_samples=4,
-               sample_steps=2, log_every=2, warmup_steps=2)
+               sample_steps=2, log_every=2, warmup_steps=2, lr_schedule="constant")
 
 
 def _states(run: Path) -> tuple[dict, dict, dict]:

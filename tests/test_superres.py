@@ -78,7 +78,7 @@ def test_upscale_passes_the_augmented_image_and_seeds_per_image():
 
 
 FAST = dict(batch_size=8, checkpoint_every=3, sample_every=3, num_samples=4, sample_steps=2, log_every=1,
-            warmup_steps=1, data="digits", resolution=16, task="superres", scale=2)
+            warmup_steps=1, data="digits", resolution=16, task="superres", scale=2, lr_schedule="constant")
 
 
 def test_superres_training_resumes_exactly_and_upscales(tmp_path):

@@ -18,8 +18,9 @@ from diffusekit.data import load_dataset
 from diffusekit.train import TrainConfig, load, train
 from diffusekit.train.loop import global_batch_indices
 
+# a constant rate: the half-then-resume tests change the step budget, which a cosine decay follows
 FAST = dict(batch_size=16, checkpoint_every=4, sample_every=1000, num_samples=4, sample_steps=2, log_every=2,
-            warmup_steps=2, lr=2e-3)
+            warmup_steps=2, lr=2e-3, lr_schedule="constant")
 
 
 def _weights(run: Path) -> tuple[dict, dict]:
@@ -74,7 +75,7 @@ def test_learning_rate_schedules():
     assert learning_rate(cfg, 10, 0.5) == pytest.approx(0.5)
     assert learning_rate(cfg, 10, 1.0) == pytest.approx(0.0, abs=1e-15)
     assert learning_rate(cfg, 10, 3.0) == pytest.approx(0.0, abs=1e-15)  # past the budget: stays at 0
-    assert learning_rate(TrainConfig(lr=1.0, warmup_steps=1), 10, 0.9) == 1.0  # constant ignores the budget
+    assert learning_rate(TrainConfig(lr=1.0, warmup_steps=1, lr_schedule="constant"), 10, 0.9) == 1.0
     with pytest.raises(ValueError, match="--lr-schedule"):
         TrainConfig(lr_schedule="linear").validate()
 
@@ -283,6 +284,31 @@ def test_train_on_an_rgb_image_folder_with_flips(tmp_path):
     model = load(run)
     assert model.image_shape == (3, 8, 8) and model.config["data"]["name"] == "imgs"
     assert Image.open(run / "samples.png").mode == "RGB"
+
+
+def test_a_resumed_minutes_budget_stretches_the_cosine_decay(tmp_path, monkeypatch):
+    """A minutes budget decays by the clock; resuming a finished run for as long again goes on from
+    about half the peak rate (the whole budget is now twice as long), not from 0 or the peak."""
+    import diffusekit.train.loop as loop
+
+    clock = [0.0]
+
+    def fake_monotonic():
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(loop.time, "monotonic", fake_monotonic)
+    cfg = {**FAST, "warmup_steps": 1, "log_every": 1, "lr_schedule": "cosine", "checkpoint_every": 1000}
+    run = train(TrainConfig(out=str(tmp_path / "r"), minutes=0.5, **cfg), progress=False)
+    first = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    rates = [r["lr"] for r in first]
+    assert len(rates) >= 4 and rates == sorted(rates, reverse=True) and rates[-1] < 0.25 * 2e-3
+    seconds = torch.load(run / (run / "latest").read_text().strip() / "train_state.pt",
+                         weights_only=True)["train_seconds"]
+    assert 30 <= seconds <= 40  # the fake clock's training time, saved for the resume
+    train(TrainConfig(out=str(run), minutes=0.5, **cfg), resume=True, progress=False)
+    second = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][len(first):]
+    assert 0.25 * 2e-3 < second[0]["lr"] < 0.75 * 2e-3 and second[-1]["lr"] < second[0]["lr"]
 
 
 def test_time_based_saving(tmp_path, monkeypatch):

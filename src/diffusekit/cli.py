@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after warm-up: constant (default) or "
-                   "a cosine decay to 0 over the --steps/--minutes budget")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after warm-up: a cosine decay to 0 over "
+                   "the --steps/--minutes budget (default) or constant")
     p.add_argument("--adam-eps", type=float)
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--ema-decay", type=float)

@@ -55,7 +55,7 @@ class AutoencoderTrainConfig:
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     warmup_steps: int = 100
-    lr_schedule: str = "constant"  # or cosine: decays to 0 over the --steps/--minutes budget
+    lr_schedule: str = "cosine"  # decays to 0 over the --steps/--minutes budget (or constant)
     grad_clip: float = 1.0
     ema_decay: float = 0.995  # 0: the checkpoint holds the online weights
     precision: str = "fp32"
@@ -318,8 +318,8 @@ def add_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after warm-up: constant (default) or "
-                   "a cosine decay to 0 over the --steps/--minutes budget")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after warm-up: a cosine decay to 0 over "
+                   "the --steps/--minutes budget (default) or constant")
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--ema-decay", type=float, help="EMA of the weights (default 0.995; 0 = none)")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (CUDA)")

@@ -109,7 +109,8 @@ def config_from_dict(cls, d: dict):
 
 def resumed_settings(cls, cfg, run_dir: Path):
     """The run's own settings, except the budget and output cadence the user gives now."""
-    saved = config_from_dict(cls, read_config(run_dir)["train"])
+    # runs saved before --lr-schedule existed trained at a constant rate
+    saved = config_from_dict(cls, {"lr_schedule": "constant", **read_config(run_dir)["train"]})
     for name in RESUME_OVERRIDES:
         setattr(saved, name, getattr(cfg, name))
     saved.out = str(run_dir)
@@ -256,7 +257,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    start_step, start_progress = 0, 0.0
+    start_step, start_seconds = 0, 0.0
     if resume:
         folder = resolve_checkpoint(run_dir)
         job.check_resumable(read_config(folder), folder)
@@ -269,7 +270,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         job.load_state_dict(state.get("job", {}))
         torch.set_rng_state(state["torch_rng"])
         start_step = int(state["step"])
-        start_progress = float(state.get("lr_progress", 0.0))
+        start_seconds = float(state.get("train_seconds", 0.0))
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # dropout masks differ across ranks
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
@@ -284,15 +285,17 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     total = cfg.steps if cfg.steps is not None else (None if cfg.minutes else 2000)
     started = time.monotonic()
     deadline = started + cfg.minutes * 60 if cfg.minutes else None
-    spent = start_progress
 
     def budget_spent(step: int, now: float) -> float:
-        """The spent fraction of the budget. A resumed minutes budget covers what was left at the
-        checkpoint (a cosine decay goes on from where it stopped instead of restarting)."""
+        """The spent fraction of the whole budget: steps done / --steps, or training time so far /
+        (the time before this session + --minutes), whichever is further. A resumed run continues
+        its decay, stretched over the budget it now has, instead of restarting it."""
         p = step / total if total else 0.0
         if deadline is not None:
-            p = max(p, start_progress + (1 - start_progress) * (now - started) / (cfg.minutes * 60))
+            p = max(p, (start_seconds + now - started) / (start_seconds + cfg.minutes * 60))
         return min(1.0, p)
+
+    spent = budget_spent(start_step, started)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     local = cfg.batch_size // ddp.world
     micro = local // cfg.grad_accum
@@ -301,7 +304,8 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         if ddp.main:
             train_state = {"step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                            "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else {},
-                           "job": job.state_dict(), "lr_progress": spent}
+                           "job": job.state_dict(),
+                           "train_seconds": start_seconds + time.monotonic() - started}
             save_checkpoint(run_dir, step, job.config, ema.state_dict(), train_state, extra=job.extra_weights())
             _save_loss_plot(run_dir, history)
         if ddp.world > 1:

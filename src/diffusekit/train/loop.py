@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     warmup_steps: int = 100
-    lr_schedule: str = "constant"  # or cosine: decays to 0 over the --steps/--minutes budget
+    lr_schedule: str = "cosine"  # decays to 0 over the --steps/--minutes budget (or constant)
     grad_clip: float = 1.0
     ema_decay: float = 0.995  # a ~200-step horizon suits minutes-long CPU runs; raise it for long runs
     dropout: float | None = None  # default: the preset's
