@@ -17,7 +17,7 @@ only fixes the known pixels of x; the gradient tells the model's estimate of the
 which way makes the known ones come out right, so the fill is chosen to agree with them. It costs
 one backward pass per model evaluation (about 2x the time). On held-out 8x8 digits with the right
 half masked (100-step schedule), RePaint's fills were the original digit 92% of the time with
-w = 20, replace-only's 86%; without guidance both about 52% (benchmarks/RESULTS.md).
+w = 20, replace-only's 86%; without guidance (50 steps) both about 52% (benchmarks/RESULTS.md).
 
 Multistep samplers (lms, deis, ipndm, plms, pndm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, unipc) keep
 a history of model outputs from one smooth trajectory. Pasting changes x after every step and RePaint
