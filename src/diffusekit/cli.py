@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data import DATASETS
     from .nn.unet import PRESETS
+    from .train.core import LR_SCHEDULES
 
     p = sub.add_parser("train", help="train a diffusion model (default: on the embedded digits)")
     p.add_argument("--data", help=f"{', '.join(DATASETS)} or a folder of images (default digits)")
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after warm-up: a cosine decay to 0 over "
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: a cosine decay to 0 over "
                    "the --steps/--minutes budget (default) or constant")
     p.add_argument("--adam-eps", type=float)
     p.add_argument("--grad-clip", type=float)

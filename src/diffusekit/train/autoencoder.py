@@ -25,8 +25,9 @@ from ..data import load_dataset
 from ..images import psnr
 from ..nn.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from .checkpoint import FORMAT, VERSION
-from .core import (Job, check_crop_settings, check_devices, config_from_dict, cropping, fit, global_batch_indices, init_distributed,
-                   resumed_settings, step_generator, validate_loop_settings)
+from .core import (LR_SCHEDULES, Job, check_crop_fits, check_crop_settings, check_devices, config_from_dict, cropping,
+                   fit, global_batch_indices, init_distributed, random_crops, resumed_settings, step_generator,
+                   validate_loop_settings)
 
 
 @dataclass
@@ -158,10 +159,8 @@ class AutoencoderJob(Job):
         x, _ = self.data.batch(idx[rows])
         if cfg.flip:
             x = torch.where(flips[rows, None, None, None], x.flip(-1), x)
-        if cropping(cfg, self.spent) and cfg.crop < x.shape[-1]:  # offsets for the global batch: any rank layout
-            offsets = torch.randint(x.shape[-1] - cfg.crop + 1, (cfg.batch_size, 2),
-                                    generator=step_generator(cfg.seed, step, 2))[rows]
-            x = torch.stack([img[:, r:r + cfg.crop, c:c + cfg.crop] for img, (r, c) in zip(x, offsets.tolist())])
+        if cropping(cfg, self.spent) and cfg.crop < x.shape[-1]:
+            x = random_crops(x, cfg.crop, step_generator(cfg.seed, step, 2), cfg.batch_size, rows)
         # one posterior-noise generator per image of the global batch: the same draws on any rank layout
         gens = [torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 4099 + i) * 7 + 3)
                 for i in range(rows.start, rows.stop)]
@@ -255,9 +254,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, over
     if data.resolution % f:
         raise ValueError(f"--preset {cfg.preset} downsamples by {f}, which does not divide the data's "
                          f"{data.resolution}x{data.resolution} images; pass --resolution a multiple of {f}")
-    if cfg.crop is not None and (cfg.crop % f or cfg.crop > data.resolution):
-        raise ValueError(f"--crop {cfg.crop}: must be a multiple of the downsampling factor {f} and at most "
-                         f"the image side {data.resolution}")
+    check_crop_fits(cfg.crop, data.resolution, f, "the downsampling factor")
     config = {
         "format": FORMAT,
         "version": VERSION,
@@ -318,7 +315,7 @@ def add_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after warm-up: a cosine decay to 0 over "
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: a cosine decay to 0 over "
                    "the --steps/--minutes budget (default) or constant")
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--ema-decay", type=float, help="EMA of the weights (default 0.995; 0 = none)")

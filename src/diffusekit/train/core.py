@@ -94,6 +94,22 @@ def check_crop_settings(cfg) -> None:
             raise ValueError(f"--whole-after: a fraction of the budget in [0, 1), got {cfg.whole_after}")
 
 
+def check_crop_fits(crop: int | None, resolution: int, multiple: int, why: str) -> None:
+    """--crop must tile the network's downsampling (`multiple`, because of `why`) and fit the images."""
+    if crop is not None and (crop % multiple or crop > resolution):
+        raise ValueError(f"--crop {crop}: must be a multiple of {multiple} ({why}) and at most the "
+                         f"{resolution}px image side")
+
+
+def random_crops(images: Tensor, side: int, generator: torch.Generator, batch_size: int, rows: slice,
+                 grid: int = 1) -> Tensor:
+    """side x side windows of this rank's `images` (rows `rows` of the global batch) at offsets that
+    are multiples of `grid`, drawn for the whole global batch so that any rank layout gets the same."""
+    cells = (images.shape[-1] - side) // grid + 1
+    offsets = (torch.randint(cells, (batch_size, 2), generator=generator)[rows] * grid).tolist()
+    return torch.stack([img[:, r:r + side, c:c + side] for img, (r, c) in zip(images, offsets)])
+
+
 def cropping(cfg, spent: float) -> bool:
     """Whether this step trains on crops: --crop, until --whole-after of the budget is spent. Whole
     images at the end matter because GroupNorm and attention see statistics over the whole image: a

@@ -27,9 +27,9 @@ from ..pipelines.generate import generate
 from ..pipelines.superres import degrade, sr_conditioning, upscale
 from ..schedules import BETA_SCHEDULES, NoiseSchedule
 from .checkpoint import FORMAT, VERSION, read_config, resolve_checkpoint
-from .core import (Dist, Job, StopTraining, check_crop_settings, check_devices, config_from_dict,  # noqa: F401
-                   cropping, fit, global_batch_indices, init_distributed, read_log, resumed_settings,
-                   step_generator as _step_generator, validate_loop_settings)
+from .core import (Dist, Job, StopTraining, check_crop_fits, check_crop_settings, check_devices,  # noqa: F401
+                   config_from_dict, cropping, fit, global_batch_indices, init_distributed, random_crops, read_log,
+                   resumed_settings, step_generator as _step_generator, validate_loop_settings)
 from .latent import AUTOENCODER_FILE, LatentData, check_fits, decode_latents, load_autoencoder
 
 
@@ -177,16 +177,6 @@ def _check_conditioning(cfg: TrainConfig, data) -> None:
                          f"that is a multiple of it")
 
 
-def _check_crop(cfg: TrainConfig, data, model_config: dict) -> None:
-    if cfg.crop is None:
-        return
-    net = UNetConfig.from_dict(model_config)
-    step = math.lcm(cfg.scale, net.patch_size * 2 ** (len(net.block_out_channels) - 1))
-    if cfg.crop > data.resolution or cfg.crop % step:
-        raise ValueError(f"--crop {cfg.crop}: must be a multiple of {step} (the scale and the U-Net's downsampling) "
-                         f"and at most the {data.resolution}px image side")
-
-
 def _checkpoint_config(cfg: TrainConfig, model_config: dict, images, latents: LatentData | None,
                        ae_source: dict | None) -> dict:
     config = {
@@ -248,12 +238,8 @@ class DiffusionJob(Job):
             x0, labels = data.batch(idx[rows])
         if cfg.flip:  # latents: flipping the latent grid stands in for encoding the flipped image
             x0 = torch.where(flips[rows, None, None, None], x0.flip(-1), x0)
-        if crop:  # offsets on the low-resolution grid, so a crop's degraded version is a crop of
-            # the whole image's; drawn for the global batch from their own stream (any rank layout)
-            cells = (data.resolution - cfg.crop) // cfg.scale + 1
-            offsets = torch.randint(cells, (cfg.batch_size, 2), generator=_step_generator(cfg.seed, step, 4))[rows]
-            x0 = torch.stack([img[:, r:r + cfg.crop, c:c + cfg.crop]
-                              for img, (r, c) in zip(x0, (offsets * cfg.scale).tolist())])
+        if crop:  # offsets on the low-resolution grid: a crop's degraded version is a crop of the whole image's
+            x0 = random_crops(x0, cfg.crop, _step_generator(cfg.seed, step, 4), cfg.batch_size, rows, grid=cfg.scale)
         x0, sigma, noise = x0.to(device), sigma[rows].to(device), noise[rows].to(device)
         class_labels = captions = None
         if cfg.class_conditional or self.text_encoder is not None:  # drawn only then: unconditional runs keep their streams
@@ -340,7 +326,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             torch.manual_seed(cfg.seed)
             text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device)
     model_config = _model_config(cfg, data, text_encoder.dim if text_encoder is not None else None)
-    _check_crop(cfg, data, model_config)
+    net_cfg = UNetConfig.from_dict(model_config)
+    downsampling = net_cfg.patch_size * 2 ** (len(net_cfg.block_out_channels) - 1)
+    check_crop_fits(cfg.crop, data.resolution, math.lcm(cfg.scale, downsampling), "the scale and the U-Net's downsampling")
     ckpt_config = _checkpoint_config(cfg, model_config, images, data if cfg.autoencoder else None, ae_source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = UNet(UNetConfig.from_dict(model_config)).to(device)
