@@ -26,10 +26,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from diffusekit.data import ShapesDataset
+from diffusekit.forward import WEIGHTINGS
 from diffusekit.images import save_image, tensor_to_pil
 from diffusekit.metrics.shapes import analyser_accuracy, prompt_adherence
 from diffusekit.pipelines import generate
 from diffusekit.train import TrainConfig, load, train
+from diffusekit.train.core import LR_SCHEDULES
 
 ATTRS = ("shape_colour", "position", "all", "shape", "colour", "size", "count")
 
@@ -87,8 +89,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a trained text-to-image run (default: train one first)")
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget when no --run (default 20)")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                         help="learning rate after warm-up when training (default cosine: decays over --minutes)")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="min_snr",
+                        help="loss weighting over noise levels when training (default min_snr)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
     parser.add_argument("--n", type=int, default=200, help="prompts per split and guidance scale (default 200)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
     parser.add_argument("--steps", type=int, default=20, help="sampler steps = NFE with dpmpp_2m (default 20)")
@@ -102,9 +107,9 @@ def main() -> int:
     run = args.run
     if run is None:
         start = time.monotonic()
-        run = train(TrainConfig(data="shapes", preset="shapes", text_encoder="minilm", batch_size=32,
-                                minutes=args.minutes, lr_schedule=args.lr_schedule, out=str(out / "run"),
-                                save_minutes=5.0), overwrite=True)
+        run = train(TrainConfig(data="shapes", preset="shapes", text_encoder="minilm", batch_size=args.batch_size,
+                                minutes=args.minutes, lr_schedule=args.lr_schedule, weighting=args.weighting,
+                                out=str(out / "run"), save_minutes=5.0), overwrite=True)
         print(f"trained {run} in {(time.monotonic() - start) / 60:.1f} min")
     model = load(run)
     steps = int(Path(model.path).name.split("-")[-1])

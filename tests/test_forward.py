@@ -96,21 +96,25 @@ def test_training_targets_match_their_definitions(prediction):
     assert torch.allclose(target, expected, atol=1e-10)
 
 
-def test_min_snr_weights_closed_form():
+def test_snr_weights_closed_form():
     sched = NoiseSchedule.from_name("linear")
-    sigma = sched.sigmas[torch.tensor([0, 100, 400, 999])]
+    sigma = sched.sigmas[torch.tensor([0, 100, 400, 700, 999])]  # SNR from ~1e4 down to ~4e-5
     snr = sigma**-2
+    assert snr.max() > 100 and snr.min() < 0.01  # both clamps are exercised
     gamma = 5.0
-    expected = {
-        "eps": snr.clamp(max=gamma) / snr,
-        "v": snr.clamp(max=gamma) / (snr + 1),
-        "x0": snr.clamp(max=gamma),
-    }
-    for prediction, w in expected.items():
-        den = Denoiser(torch.nn.Identity(), sched, prediction)
-        assert torch.allclose(loss_weight(den, sigma, "min_snr", gamma), w, rtol=1e-10)
-        assert torch.equal(loss_weight(den, sigma, "uniform"), torch.ones_like(sigma))
-    with pytest.raises(ValueError, match="uniform, min_snr"):
+    for weighting, x0_weight in (("min_snr", snr.clamp(max=gamma)), ("clamped_snr", snr.clamp(1.0, gamma))):
+        # the same x0-space weight, seen through each parameterisation's output
+        expected = {"eps": x0_weight / snr, "v": x0_weight / (snr + 1), "x0": x0_weight}
+        for prediction, w in expected.items():
+            den = Denoiser(torch.nn.Identity(), sched, prediction)
+            assert torch.allclose(loss_weight(den, sigma, weighting, gamma), w, rtol=1e-10)
+            assert torch.equal(loss_weight(den, sigma, "uniform"), torch.ones_like(sigma))
+    # the floor lifts only the high-noise end: below SNR 1 clamped_snr's v weight is 1 / (SNR + 1)
+    den = Denoiser(torch.nn.Identity(), sched, "v")
+    low = snr < 1
+    assert torch.allclose(loss_weight(den, sigma, "clamped_snr")[low], 1 / (snr[low] + 1), rtol=1e-10)
+    assert torch.equal(loss_weight(den, sigma, "clamped_snr")[~low], loss_weight(den, sigma, "min_snr")[~low])
+    with pytest.raises(ValueError, match="uniform, min_snr, clamped_snr"):
         loss_weight(den, sigma, "p2")
 
 
@@ -130,7 +134,7 @@ class _CheatingNetwork(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-@pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
+@pytest.mark.parametrize("weighting", ["uniform", "min_snr", "clamped_snr"])
 def test_loss_is_zero_for_the_exact_target_and_reproducible(prediction, weighting):
     sched = NoiseSchedule.from_name("linear")
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))

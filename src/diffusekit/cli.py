@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_forward)
 
     from .data import DATASETS
+    from .forward import WEIGHTINGS
     from .nn.unet import PRESETS
     from .train.core import LR_SCHEDULES
 
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "training, a fraction of the schedule (default 0.5)")
     p.add_argument("--cond-dropout", type=float, help="how often labels/captions are dropped (default 0.1)")
     p.add_argument("--sample-guidance", type=float, help="guidance scale of the preview grids (default 3)")
-    p.add_argument("--weighting", help="uniform or min_snr")
+    p.add_argument("--weighting", choices=WEIGHTINGS, help="loss weighting over noise levels (default min_snr)")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (CUDA)")
     p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--checkpoint-every", type=int)
