@@ -31,6 +31,7 @@ from diffusekit.images import save_image, tensor_to_pil
 from diffusekit.metrics.shapes import analyser_accuracy, prompt_adherence
 from diffusekit.pipelines import generate
 from diffusekit.train import TrainConfig, load, train
+from diffusekit.train.loop import TEXT_SNR_FLOOR
 from diffusekit.train.core import LR_SCHEDULES
 
 ATTRS = ("shape_colour", "position", "all", "shape", "colour", "size", "count")
@@ -93,6 +94,8 @@ def main() -> int:
                         help="learning rate after warm-up when training (default cosine: decays over --minutes)")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="min_snr",
                         help="loss weighting over noise levels when training (default min_snr)")
+    parser.add_argument("--snr-floor", type=float,
+                        help=f"min_snr weighting's floor when training (default {TEXT_SNR_FLOOR}, as diffusekit train for text models)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
     parser.add_argument("--n", type=int, default=200, help="prompts per split and guidance scale (default 200)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
@@ -109,7 +112,7 @@ def main() -> int:
         start = time.monotonic()
         run = train(TrainConfig(data="shapes", preset="shapes", text_encoder="minilm", batch_size=args.batch_size,
                                 minutes=args.minutes, lr_schedule=args.lr_schedule, weighting=args.weighting,
-                                out=str(out / "run"), save_minutes=5.0), overwrite=True)
+                                snr_floor=args.snr_floor, out=str(out / "run"), save_minutes=5.0), overwrite=True)
         print(f"trained {run} in {(time.monotonic() - start) / 60:.1f} min")
     model = load(run)
     steps = int(Path(model.path).name.split("-")[-1])

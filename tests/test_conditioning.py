@@ -1,5 +1,7 @@
 """Class- and text-conditional training and sampling, end to end through the trainer and the CLI."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from PIL import Image
 
 from diffusekit.cli import main
 from diffusekit.train import TrainConfig, load, train
+from diffusekit.train.loop import TEXT_SNR_FLOOR
 
 FAST = dict(batch_size=16, checkpoint_every=4, sample_every=1000, num_samples=4, sample_steps=2, log_every=2,
             warmup_steps=2, lr=2e-3)
@@ -88,6 +91,8 @@ def test_text_conditional_run_trains_saves_and_samples(encoder, tmp_path, capsys
                             **{**FAST, "batch_size": 8}), progress=False)
     model = load(run)
     assert model.conditioning_kind == "text" and model.network.config.context_dim == model.text_encoder.dim
+    # text models default to a min-SNR floor (layout is learnt at high noise), recorded as used
+    assert json.loads((model.path / "config.json").read_text())["train"]["snr_floor"] == TEXT_SNR_FLOOR
     if encoder == "learned":  # trained with the U-Net and saved beside it
         from safetensors.torch import load_file
 
@@ -118,17 +123,17 @@ def test_learned_text_encoder_with_gradient_accumulation_and_seeded_init(tmp_pat
 
 
 def test_old_run_configs_without_new_fields_still_resume(tmp_path):
-    import json
-
     run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
     folder = run / (run / "latest").read_text().strip()
     config = json.loads((folder / "config.json").read_text())
+    assert config["train"]["snr_floor"] == 0.0  # the default resolved for a model without text
     for field in ("patch_size", "pooled_context_dim"):  # fields added after the first checkpoints were written
         config["model"]["config"].pop(field)
-    del config["train"]["lr_schedule"]
+    del config["train"]["lr_schedule"], config["train"]["snr_floor"]
     (folder / "config.json").write_text(json.dumps(config))
-    train(TrainConfig(out=str(run), steps=3, **{**FAST, "lr_schedule": "cosine"}), resume=True, progress=False)
+    train(TrainConfig(out=str(run), steps=3, **{**FAST, "lr_schedule": "cosine", "snr_floor": 0.5}), resume=True,
+          progress=False)
     assert (run / "latest").read_text().strip().endswith("step-00000003")
-    # such a run trained at a constant rate before the option existed, and goes on doing so
+    # such a run trained at a constant rate and without a floor before the options existed, and goes on so
     resumed = json.loads((run / (run / "latest").read_text().strip() / "config.json").read_text())
-    assert resumed["train"]["lr_schedule"] == "constant"
+    assert resumed["train"]["lr_schedule"] == "constant" and resumed["train"]["snr_floor"] == 0.0

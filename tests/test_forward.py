@@ -102,20 +102,24 @@ def test_snr_weights_closed_form():
     snr = sigma**-2
     assert snr.max() > 100 and snr.min() < 0.01  # both clamps are exercised
     gamma = 5.0
-    for weighting, x0_weight in (("min_snr", snr.clamp(max=gamma)), ("clamped_snr", snr.clamp(1.0, gamma))):
+    for floor in (0.0, 0.1, 1.0):
+        x0_weight = snr.clamp(floor, gamma)
         # the same x0-space weight, seen through each parameterisation's output
         expected = {"eps": x0_weight / snr, "v": x0_weight / (snr + 1), "x0": x0_weight}
         for prediction, w in expected.items():
             den = Denoiser(torch.nn.Identity(), sched, prediction)
-            assert torch.allclose(loss_weight(den, sigma, weighting, gamma), w, rtol=1e-10)
+            assert torch.allclose(loss_weight(den, sigma, "min_snr", gamma, floor), w, rtol=1e-10)
             assert torch.equal(loss_weight(den, sigma, "uniform"), torch.ones_like(sigma))
-    # the floor lifts only the high-noise end: below SNR 1 clamped_snr's v weight is 1 / (SNR + 1)
+    # the floor lifts only the high-noise end: where SNR >= floor the weights are min-SNR's
     den = Denoiser(torch.nn.Identity(), sched, "v")
-    low = snr < 1
-    assert torch.allclose(loss_weight(den, sigma, "clamped_snr")[low], 1 / (snr[low] + 1), rtol=1e-10)
-    assert torch.equal(loss_weight(den, sigma, "clamped_snr")[~low], loss_weight(den, sigma, "min_snr")[~low])
-    with pytest.raises(ValueError, match="uniform, min_snr, clamped_snr"):
+    plain, floored = loss_weight(den, sigma, "min_snr"), loss_weight(den, sigma, "min_snr", snr_floor=0.1)
+    assert torch.equal(floored[snr >= 0.1], plain[snr >= 0.1])
+    assert (floored[snr < 0.1] > plain[snr < 0.1]).all()
+    assert torch.allclose(floored[snr < 0.1], 0.1 / (snr[snr < 0.1] + 1), rtol=1e-10)
+    with pytest.raises(ValueError, match="uniform, min_snr"):
         loss_weight(den, sigma, "p2")
+    with pytest.raises(ValueError, match="snr_floor must lie in"):
+        loss_weight(den, sigma, "min_snr", 5.0, 6.0)
 
 
 class _CheatingNetwork(torch.nn.Module):
@@ -134,7 +138,7 @@ class _CheatingNetwork(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-@pytest.mark.parametrize("weighting", ["uniform", "min_snr", "clamped_snr"])
+@pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
 def test_loss_is_zero_for_the_exact_target_and_reproducible(prediction, weighting):
     sched = NoiseSchedule.from_name("linear")
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
@@ -150,6 +154,26 @@ def test_loss_is_zero_for_the_exact_target_and_reproducible(prediction, weightin
     assert net.scale.grad is not None and net.scale.grad > 0
     again = loss(den, x0, weighting=weighting, generator=torch.Generator().manual_seed(0))
     assert again.item() == value.item()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_snr_floor_scales_the_loss_only_at_high_noise(prediction):
+    """At one noise level the loss is weight x squared error, so a floor above that level's SNR
+    multiplies min-SNR's loss by floor / SNR, and one below it changes nothing."""
+    sched = NoiseSchedule.from_name("linear")
+    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(3))
+    net = _CheatingNetwork(sched, x0, prediction)
+    with torch.no_grad():
+        net.scale.fill_(1.5)
+    den = Denoiser(net, sched, prediction)
+    for t, floor in ((900, 0.1), (50, 0.1)):
+        sigma = sched.sigmas[t].repeat(16)
+        snr = float(sched.sigmas[t]) ** -2
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        plain = loss(den, x0, weighting="min_snr", sigma=sigma, noise=noise)
+        floored = loss(den, x0, weighting="min_snr", snr_floor=floor, sigma=sigma, noise=noise)
+        expected = floor / snr if snr < floor else 1.0
+        torch.testing.assert_close(floored / plain, torch.tensor(expected, dtype=plain.dtype), rtol=1e-4, atol=0)
 
 
 def test_uniform_eps_loss_of_a_zero_network_is_the_noise_power():

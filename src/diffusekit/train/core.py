@@ -125,8 +125,8 @@ def config_from_dict(cls, d: dict):
 
 def resumed_settings(cls, cfg, run_dir: Path):
     """The run's own settings, except the budget and output cadence the user gives now."""
-    # runs saved before --lr-schedule existed trained at a constant rate
-    saved = config_from_dict(cls, {"lr_schedule": "constant", **read_config(run_dir)["train"]})
+    # runs saved before --lr-schedule and --snr-floor existed trained at a constant rate, without a floor
+    saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, **read_config(run_dir)["train"]})
     for name in RESUME_OVERRIDES:
         setattr(saved, name, getattr(cfg, name))
     saved.out = str(run_dir)
