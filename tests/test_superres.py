@@ -81,6 +81,18 @@ FAST = dict(batch_size=8, checkpoint_every=3, sample_every=3, num_samples=4, sam
             warmup_steps=1, data="digits", resolution=16, task="superres", scale=2, lr_schedule="constant")
 
 
+def test_text_superres_stage_keeps_min_snr_without_a_floor(tmp_path):
+    """Text-to-image models default to a min-SNR floor (their layout is learnt at high noise); an
+    SR stage takes its layout from its input, so a text-conditioned one keeps plain min-SNR."""
+    import json
+
+    from diffusekit.train import TrainConfig, load, train
+
+    run = train(TrainConfig(out=str(tmp_path / "sr"), steps=1, text_encoder="learned",
+                            **{**FAST, "data": "shapes", "sample_every": 10}), progress=False)
+    assert json.loads((load(run).path / "config.json").read_text())["train"]["snr_floor"] == 0.0
+
+
 def test_superres_training_resumes_exactly_and_upscales(tmp_path):
     """A --task superres run: the U-Net sees the noised upsampled image and its level; resume is
     bit-exact (the augmentation draws are per-step streams); the model upscales 8 -> 16 px, and

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-guidance", type=float, help="guidance scale of the preview grids (default 3)")
     p.add_argument("--weighting", choices=WEIGHTINGS, help="loss weighting over noise levels (default min_snr)")
     p.add_argument("--snr-floor", type=float, help="min_snr: lowest x0-space weight, at high noise where the "
-                   "layout is decided (default 0.1 for text models, 0 otherwise)")
+                   "layout is decided (default 0.1 for text-to-image models, 0 otherwise)")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (CUDA)")
     p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--checkpoint-every", type=int)

@@ -35,8 +35,9 @@ from .latent import AUTOENCODER_FILE, LatentData, check_fits, decode_latents, lo
 
 # Min-SNR's x0-space weight falls to 0 at high noise, where a prompted layout is decided: with this
 # floor a 20-minute shapes model placed 94% of its shapes as asked (50% without) and got every
-# attribute right twice as often. On unconditional digits it made no difference beyond noise, so
-# only text models get it by default (benchmarks/RESULTS.md, issue 6).
+# attribute right twice as often. On unconditional digits it made no difference beyond noise, and
+# a super-resolution stage takes its layout from its input, so only text-to-image models get it by
+# default (benchmarks/RESULTS.md, issue 6).
 TEXT_SNR_FLOOR = 0.1
 
 # U-Nets sized for a few minutes (digits) to twenty (mnist, shapes) on a laptop CPU
@@ -66,7 +67,7 @@ class TrainConfig:
     sample_guidance: float = 3.0  # guidance scale of the preview grids of conditional runs
     weighting: str = "min_snr"  # min-SNR-5 converges faster than L_simple (Hang et al. 2023)
     min_snr_gamma: float = 5.0
-    snr_floor: float | None = None  # min_snr: lowest x0-space weight (default TEXT_SNR_FLOOR for text models, else 0)
+    snr_floor: float | None = None  # min_snr: lowest x0-space weight (default TEXT_SNR_FLOOR for text-to-image, else 0)
     steps: int | None = None  # budget in optimizer steps ...
     minutes: float | None = None  # ... and/or in wall-clock minutes (whichever ends first)
     batch_size: int = 64  # global batch (all ranks, all accumulation steps)
@@ -320,7 +321,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if resume:  # the run's own settings win, except the budget and output cadence the user gives now
         cfg = resumed_settings(TrainConfig, cfg, run_dir)
     if cfg.snr_floor is None:  # resolved here, so config.json records the value used
-        cfg = replace(cfg, snr_floor=TEXT_SNR_FLOOR if cfg.text_encoder else 0.0)
+        cfg = replace(cfg, snr_floor=TEXT_SNR_FLOOR if cfg.text_encoder and cfg.task == "generate" else 0.0)
     cfg.validate()
     ddp, device = init_distributed(cfg.device)
     check_devices(cfg, ddp, device)
