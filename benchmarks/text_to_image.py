@@ -95,7 +95,8 @@ def main() -> int:
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="min_snr",
                         help="loss weighting over noise levels when training (default min_snr)")
     parser.add_argument("--snr-floor", type=float,
-                        help=f"min_snr weighting's floor when training (default {TEXT_SNR_FLOOR}, as diffusekit train for text models)")
+                        help=f"min_snr weighting's floor when training (default {TEXT_SNR_FLOOR}, as for any "
+                        "text-to-image model)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
     parser.add_argument("--n", type=int, default=200, help="prompts per split and guidance scale (default 200)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])

@@ -215,7 +215,8 @@ def test_train_config_errors_name_the_option():
     for kwargs, match in [(dict(schedule="quadratic"), "--schedule"), (dict(prediction="score"), "--prediction"),
                           (dict(batch_size=0), "--batch-size"), (dict(precision="fp8"), "--precision"),
                           (dict(ema_decay=1.0), "--ema-decay"), (dict(snr_floor=-0.1), "--snr-floor"),
-                          (dict(snr_floor=6.0), "--snr-floor")]:
+                          (dict(snr_floor=6.0), "--snr-floor"),
+                          (dict(snr_floor=0.1, weighting="uniform"), "--snr-floor")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kwargs).validate()
 

@@ -74,7 +74,7 @@ class UNetConfig:
         levels = len(self.block_out_channels)
         if self.patch_size < 1 or self.image_size % self.patch_size:
             fail("patch_size", f"{self.patch_size} does not divide image_size={self.image_size}")
-        if self.image_size % (self.patch_size * 2 ** (levels - 1)):
+        if self.image_size % self.downsampling_factor:
             fail("image_size", f"{self.image_size} (patch {self.patch_size}) cannot be halved {levels - 1} times")
         pyramid = self.pyramid()
         for r in self.attention_resolutions:
@@ -101,6 +101,11 @@ class UNetConfig:
             fail("layers_per_block", "must be >= 1")
         if not 0 <= self.dropout < 1:
             fail("dropout", "must lie in [0, 1)")
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Input side / lowest level's side: image sides must be multiples of it."""
+        return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
 
     def pyramid(self) -> list[int]:
         """The side of the feature maps at each level (what attention_resolutions refers to)."""
@@ -524,7 +529,7 @@ class UNet(nn.Module):
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected x of shape [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
-        multiple = cfg.patch_size * 2 ** (len(cfg.block_out_channels) - 1)
+        multiple = cfg.downsampling_factor
         if x.shape[-1] % multiple or x.shape[-2] % multiple:
             raise ValueError(f"H and W must be divisible by {multiple}, got {tuple(x.shape[-2:])}")
         t = torch.as_tensor(t, device=x.device)

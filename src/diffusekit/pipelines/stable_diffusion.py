@@ -355,7 +355,7 @@ class StableDiffusion:
             height, width = pixels.shape[-2:]
         height = height or self.unet.config.image_size * f
         width = width or self.unet.config.image_size * f
-        multiple = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        multiple = f * self.unet.config.downsampling_factor
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
         shape = (self.unet.config.in_channels, height // f, width // f)

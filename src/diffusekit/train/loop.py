@@ -104,6 +104,8 @@ class TrainConfig:
             fail("weighting", f"unknown {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
         if self.snr_floor is not None and not 0 <= self.snr_floor <= self.min_snr_gamma:
             fail("snr_floor", f"must lie in [0, min_snr_gamma={self.min_snr_gamma}], got {self.snr_floor}")
+        if self.snr_floor and self.weighting != "min_snr":
+            fail("snr_floor", f"is a floor under min_snr's weight; --weighting {self.weighting} has none")
         if self.preset is not None and self.preset not in PRESETS:
             fail("preset", f"unknown {self.preset!r}; valid: {', '.join(PRESETS)}")
         validate_loop_settings(self)
@@ -321,7 +323,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if resume:  # the run's own settings win, except the budget and output cadence the user gives now
         cfg = resumed_settings(TrainConfig, cfg, run_dir)
     if cfg.snr_floor is None:  # resolved here, so config.json records the value used
-        cfg = replace(cfg, snr_floor=TEXT_SNR_FLOOR if cfg.text_encoder and cfg.task == "generate" else 0.0)
+        text_to_image = cfg.text_encoder and cfg.task == "generate" and cfg.weighting == "min_snr"
+        cfg = replace(cfg, snr_floor=TEXT_SNR_FLOOR if text_to_image else 0.0)
     cfg.validate()
     ddp, device = init_distributed(cfg.device)
     check_devices(cfg, ddp, device)
@@ -339,11 +342,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
             text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device)
     model_config = _model_config(cfg, data, text_encoder.dim if text_encoder is not None else None)
     net_cfg = UNetConfig.from_dict(model_config)
-    downsampling = net_cfg.patch_size * 2 ** (len(net_cfg.block_out_channels) - 1)
-    check_crop_fits(cfg.crop, data.resolution, math.lcm(cfg.scale, downsampling), "the scale and the U-Net's downsampling")
+    check_crop_fits(cfg.crop, data.resolution, math.lcm(cfg.scale, net_cfg.downsampling_factor),
+                    "the scale and the U-Net's downsampling")
     ckpt_config = _checkpoint_config(cfg, model_config, images, data if cfg.autoencoder else None, ae_source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    net = UNet(UNetConfig.from_dict(model_config)).to(device)
+    net = UNet(net_cfg).to(device)
     if isinstance(text_encoder, LearnedEncoder):
         # trained jointly: as a submodule it is optimised, averaged (EMA), synced (DDP) and saved
         # (text_encoder.* in model.safetensors) with the U-Net, whose forward never touches it
