@@ -346,3 +346,17 @@ def test_a_minutes_budget_logs_its_last_steps(tmp_path):
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     last_checkpoint = int((run / "latest").read_text().strip().rsplit("-", 1)[1])
     assert records and records[-1]["step"] == last_checkpoint
+
+
+def test_resume_says_which_given_settings_it_does_not_apply(tmp_path, caplog):
+    run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
+    with caplog.at_level("WARNING", logger="diffusekit.train.core"):
+        train(TrainConfig(out=str(run), steps=3, **FAST), resume=True, progress=False)  # the same command: silent
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="diffusekit.train.core"):
+        train(TrainConfig(out=str(run), steps=4, **{**FAST, "lr": 1e-5}), resume=True, progress=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--resume continues {run} with its own --lr {FAST['lr']}, not the 1e-05 given now; "
+        "start a new run to change it"]
+    saved = json.loads((run / (run / "latest").read_text().strip() / "config.json").read_text())
+    assert saved["train"]["lr"] == FAST["lr"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 from .._utils import atomic_path
 from ..images import image_grid, line_plot, save_image
 from .checkpoint import load_state_strict, read_config, read_weights, resolve_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
 
 # settings a resumed run takes from the command line; everything else comes from the run itself
 RESUME_OVERRIDES = ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every")
@@ -127,6 +130,13 @@ def resumed_settings(cls, cfg, run_dir: Path):
     """The run's own settings, except the budget and output cadence the user gives now."""
     # runs saved before --lr-schedule and --snr-floor existed trained at a constant rate, without a floor
     saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, **read_config(run_dir)["train"]})
+    # a setting given now (not left at its default) that the run did not train with is not applied: say so
+    ignored = [f.name for f in fields(cls) if f.name not in (*RESUME_OVERRIDES, "out")
+               and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != getattr(saved, f.name)]
+    for name in ignored:
+        flag = "--" + name.replace("_", "-")
+        log.warning("--resume continues %s with its own %s %s, not the %s given now; start a new run to change it",
+                    run_dir, flag, getattr(saved, name), getattr(cfg, name))
     for name in RESUME_OVERRIDES:
         setattr(saved, name, getattr(cfg, name))
     saved.out = str(run_dir)
