@@ -7,7 +7,8 @@ for --minutes on this CPU. It then samples with 20 model evaluations (dpmpp_2m, 
 evaluation is one batched network call) for each guidance scale, on prompts of *seen* attribute
 combinations (train-split captions of items the trainer never drew: index >= its 10,000) and of
 *held-out* combinations (the held-out split), and reads the images back with the rule-based
-analyser. Prints adherence per attribute, the analyser's own accuracy on real images, and writes
+analyser. Prints adherence per attribute (and every attribute right on one-shape and on two-shape
+prompts apart), the analyser's own accuracy on real images, and writes
 adherence.csv, adherence.png (adherence against guidance) and prompts.png (a grid of prompted
 samples at the best scale) into --out.
 """
@@ -26,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from diffusekit.data import ShapesDataset
+from diffusekit.data.shapes import parse_caption
 from diffusekit.forward import WEIGHTINGS
 from diffusekit.images import save_image, tensor_to_pil
 from diffusekit.metrics.shapes import analyser_accuracy, prompt_adherence
@@ -98,6 +100,10 @@ def main() -> int:
                         help=f"min_snr weighting's floor when training (default {TEXT_SNR_FLOOR}, as for any "
                         "text-to-image model)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr,
+                        help=f"peak learning rate when training (default {TrainConfig.lr})")
+    parser.add_argument("--text-encoder", choices=("minilm", "learned"), default="minilm",
+                        help="text encoder when training (default minilm, frozen)")
     parser.add_argument("--n", type=int, default=200, help="prompts per split and guidance scale (default 200)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
     parser.add_argument("--steps", type=int, default=20, help="sampler steps = NFE with dpmpp_2m (default 20)")
@@ -111,9 +117,10 @@ def main() -> int:
     run = args.run
     if run is None:
         start = time.monotonic()
-        run = train(TrainConfig(data="shapes", preset="shapes", text_encoder="minilm", batch_size=args.batch_size,
-                                minutes=args.minutes, lr_schedule=args.lr_schedule, weighting=args.weighting,
-                                snr_floor=args.snr_floor, out=str(out / "run"), save_minutes=5.0), overwrite=True)
+        run = train(TrainConfig(data="shapes", preset="shapes", text_encoder=args.text_encoder,
+                                batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
+                                lr_schedule=args.lr_schedule, weighting=args.weighting, snr_floor=args.snr_floor,
+                                out=str(out / "run"), save_minutes=5.0), overwrite=True)
         print(f"trained {run} in {(time.monotonic() - start) / 60:.1f} min")
     model = load(run)
     steps = int(Path(model.path).name.split("-")[-1])
@@ -125,13 +132,18 @@ def main() -> int:
     rows, best = [], None
     for split, name in (("train", "seen"), ("heldout", "heldout")):
         prompts = prompts_for(split, args.n)
+        counts = [len(parse_caption(p).shapes) for p in prompts]
+        # one-shape and two-shape prompts apart: a pair needs each colour and size bound to the right shape
+        kinds = {"all_1_shape": [i for i, c in enumerate(counts) if c == 1],
+                 "all_2_shapes": [i for i, c in enumerate(counts) if c == 2]}
         for g in args.guidance:
             t0 = time.monotonic()
             images = sample(model, prompts, g, args.seed, args.steps)
             score = prompt_adherence(images, prompts)
-            rows.append({"split": name, "guidance": g, **{a: score[a] for a in ATTRS},
+            by_kind = {k: prompt_adherence(images[idx], [prompts[i] for i in idx])["all"] for k, idx in kinds.items()}
+            rows.append({"split": name, "guidance": g, **{a: score[a] for a in ATTRS}, **by_kind,
                          "seconds": round(time.monotonic() - t0, 1)})
-            print(f"{name:8s} guidance {g:4g}: " + "  ".join(f"{a} {score[a]:.3f}" for a in ATTRS))
+            print(f"{name:8s} guidance {g:4g}: " + "  ".join(f"{a} {rows[-1][a]:.3f}" for a in (*ATTRS, *kinds)))
             if name == "seen" and (best is None or score["all"] > best[0]):
                 best = (score["all"], g)
     with open(out / "adherence.csv", "w", newline="") as f:
