@@ -140,7 +140,8 @@ def main() -> int:
             t0 = time.monotonic()
             images = sample(model, prompts, g, args.seed, args.steps)
             score = prompt_adherence(images, prompts)
-            by_kind = {k: prompt_adherence(images[idx], [prompts[i] for i in idx])["all"] for k, idx in kinds.items()}
+            by_kind = {k: prompt_adherence(images[idx], [prompts[i] for i in idx])["all"] if idx else float("nan")
+                       for k, idx in kinds.items()}  # a small --n may hold no prompt of a kind
             rows.append({"split": name, "guidance": g, **{a: score[a] for a in ATTRS}, **by_kind,
                          "seconds": round(time.monotonic() - t0, 1)})
             print(f"{name:8s} guidance {g:4g}: " + "  ".join(f"{a} {rows[-1][a]:.3f}" for a in (*ATTRS, *kinds)))
