@@ -12,9 +12,11 @@ from PIL import Image
 
 from diffusekit.bench.samplers import run
 from diffusekit.cli import main
-from diffusekit.schedule_opt import Calibration
+from diffusekit.schedule_opt import Calibration, SolverFit
 
 TINY = Calibration(num_samples=32, reference_steps=40, max_runs=40, dtype=torch.float64)
+TINY_FIT = SolverFit(num_samples=64, batch_size=32, reference_steps=40, iterations=10, validate_every=5, start=TINY,
+                     dtype=torch.float64)
 
 
 def _rows(path):
@@ -37,7 +39,7 @@ def test_bench_without_peers(tmp_path):
     log = []
     results = run(mixtures=["2d"], nfes=[5, 10], samples=64, samplers=["dpmpp_2m", "heun"],
                   spacings=["karras", "optimised"], opt_samplers=["dpmpp_2m"], calibration=TINY,
-                  out_dir=tmp_path, log=log.append)
+                  fit_nfes=[5], fit=TINY_FIT, out_dir=tmp_path, log=log.append)
     text = "\n".join(log)
     rows = _rows(tmp_path / "samplers.csv")
     assert len(rows) == len(results) and {r["family"] for r in rows} == {"diffusekit"}
@@ -54,6 +56,10 @@ def test_bench_without_peers(tmp_path):
     assert skipped["steps"] == "" and "cannot meet NFE 10" in skipped["note"]
     assert "skipped diffusekit heun at NFE 10: cannot meet NFE 10 (NFE 9 with 5 steps, NFE 11 with 6 steps)" in text
     assert "optimised schedule for dpmpp_2m at NFE 5: calibration" in text
+    fitted = _row(rows, "diffusekit", "fitted", "fitted", 5)  # fitted at NFE 5 only, as asked
+    assert int(fitted["steps"]) == 5 and 0 < float(fitted["rmse"]) < 10
+    assert not [r for r in rows if r["method"] == "fitted" and r["nfe"] == "10"]
+    assert "fitted solver at NFE 5: fit " in text
     assert "best peer" not in text  # no peers, no ratios
     image = Image.open(tmp_path / "samplers.png")
     assert image.size[0] > 300 and image.size[1] > 300
@@ -66,7 +72,7 @@ def test_bench_with_peers(tmp_path):
     _peers_available()
     log = []
     run(mixtures=["2d"], nfes=[5, 10], samples=64, samplers=["euler", "lms"], spacings=["karras", "trailing"],
-        opt_samplers=[], peers=["Euler", "lms"], out_dir=tmp_path, log=log.append)
+        opt_samplers=[], fit_nfes=[], peers=["Euler", "lms"], out_dir=tmp_path, log=log.append)
     text = "\n".join(log)
     rows = _rows(tmp_path / "samplers.csv")
     assert {r["family"] for r in rows} == {"diffusekit", "diffusers", "k-diffusion"}
@@ -89,7 +95,7 @@ def test_cli_with_a_user_mixture(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["bench", "samplers", "--mixture", str(spec), "--nfe", "5", "--samples", "32",
                  "--samplers", "unipc:order=3", "--spacings", "karras", "exponential", "--opt-samplers",
-                 "-o", str(out)]) == 0
+                 "--fit-nfe", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "== three: 3-D, 3 components" in printed
     rows = _rows(out / "samplers.csv")
@@ -106,6 +112,7 @@ def test_cli_with_a_user_mixture(tmp_path, capsys):
     (["--opt-samplers", "euler_ancestral", "--samplers", "euler_ancestral"], "needs a deterministic sampler"),
     (["--samplers", "unipc:order"], "bad option 'order'"),
     (["--samplers", "euler", "--opt-samplers", "lms"], "--opt-samplers 'lms' is not among the samplers run (euler)"),
+    (["--fit-nfe", "7"], "--fit-nfe [7] is not among the NFE values run ([5])"),
 ])
 def test_cli_bad_input(args, message, tmp_path, capsys):
     assert main(["bench", "samplers", "--nfe", "5", "--samples", "8", "-o", str(tmp_path), *args]) == 2

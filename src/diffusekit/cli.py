@@ -110,7 +110,7 @@ def _bench(args) -> None:
     bench_samplers.run(mixtures=args.mixture or bench_samplers.DEFAULT_MIXTURES, schedule=args.schedule,
                        nfes=args.nfe, samples=args.samples, samplers=args.samplers, spacings=args.spacings,
                        opt_samplers=args.opt_samplers, peers=peers, out_dir=args.out_dir, seed=args.seed,
-                       top=args.top, calibration=calibration)
+                       top=args.top, calibration=calibration, fit_nfes=args.fit_nfe)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME[:k=v,...]", help="samplers that get the optimised schedule (among --samplers)")
     b.add_argument("--calibration-samples", type=int, default=256, help="optimised schedule: calibration noise draws")
     b.add_argument("--reference-steps", type=int, default=200, help="optimised schedule: reference solver steps")
+    b.add_argument("--fit-nfe", type=int, nargs="*", metavar="NFE",
+                   help="budgets (among --nfe) at which the fitted solver (levels and coefficients fitted to the "
+                        "model) also runs; default: 5 and 10 where run; no value: none")
     b.add_argument("--peers", nargs="*", metavar="NAME",
                    help="also run diffusers' schedulers and k-diffusion's samplers (all, or only those named)")
     b.add_argument("--top", type=int, default=3, help="rows shown per family and NFE (the CSV has all)")

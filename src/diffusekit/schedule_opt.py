@@ -43,7 +43,7 @@ seed): nothing is cached between calls, and no data is looked at, only the model
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -154,6 +154,15 @@ def reference_endpoints(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
     return d_a + (d_a - d_b) * (sigma_min**2 / (sigma_b**2 - sigma_min**2))
 
 
+def _calibration_noise(seed: int, num_samples: int, sample_shape, sigma_max: float, variance_preserving: bool,
+                       dtype, device) -> Tensor:
+    """The calibration starting points: `num_samples` draws of N(0, I) from `seed`, scaled for sigma_max."""
+    g = torch.Generator(device="cpu").manual_seed(int(np.random.SeedSequence([seed, 0x5C4ED]).generate_state(1)[0]))
+    noise = torch.randn((num_samples, *tuple(sample_shape)), generator=g, dtype=torch.float64)
+    scale = math.sqrt(1 + sigma_max**2) if variance_preserving else sigma_max
+    return (noise * scale).to(dtype=dtype, device=device)
+
+
 def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sample_shape,
                      variance_preserving: bool, solver: str = "unipc", solver_options: dict | None = None,
                      seed: int = 0, calibration: Calibration | None = None, schedule=None,
@@ -190,10 +199,8 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
         calls["n"] += 1
         return denoiser(x, sigma, **kw)
 
-    g = torch.Generator(device="cpu").manual_seed(int(np.random.SeedSequence([seed, 0x5C4ED]).generate_state(1)[0]))
-    noise = torch.randn((calibration.num_samples, *tuple(sample_shape)), generator=g, dtype=torch.float64)
-    scale = math.sqrt(1 + sigma_max**2) if variance_preserving else sigma_max
-    x_start = (noise * scale).to(dtype=calibration.dtype, device=calibration.device)
+    x_start = _calibration_noise(seed, calibration.num_samples, sample_shape, sigma_max, variance_preserving,
+                                 calibration.dtype, calibration.device)
     with torch.no_grad():
         target = reference_endpoints(counted, x_start, sigma_min, sigma_max, calibration.reference_steps, cond)
     budget = _Budget(calibration.runs(nfe))
@@ -281,3 +288,164 @@ def _pattern_search(loss, base, best, delta, gap):
                             best, delta = value, trial
                 steps[j] = s * 0.5
     return best, delta
+
+
+# ---------------------------------------------------------------------------------------------
+# A fitted solver: levels and multistep coefficients together
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SolverFit:
+    """Budget and numerics of `fit_solver`.
+
+    num_samples: calibration noise draws; the last `validation` fraction of them is held out and
+    decides which coefficients are kept (the rare samples that change mode dominate the error, and
+    a fit to a few hundred of them does not carry over to new noise). batch_size: draws per
+    gradient step. iterations: Adam steps (cosine decay from `learning_rate` to 0), with a
+    validation pass every `validate_every` steps. start: the `optimised_sigmas` budget of the UniPC-3
+    schedule that the fit starts from.
+    """
+
+    num_samples: int = 4096
+    batch_size: int = 1024
+    validation: float = 0.25
+    reference_steps: int = 200
+    iterations: int = 400
+    validate_every: int = 25
+    learning_rate: float = 3e-3
+    start: Calibration = Calibration()
+    dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu"
+
+    def max_model_calls(self, nfe: int) -> int:
+        """Forward model evaluations a fit for `nfe` may use, each on at most `num_samples` draws;
+        the `iterations * nfe` of the gradient steps (on `batch_size` draws) also have a backward pass."""
+        validations = self.iterations // self.validate_every + 2
+        return (self.start.max_model_calls(nfe) + self.reference_steps
+                + (self.iterations + validations) * nfe)
+
+    def check(self) -> None:
+        Calibration(self.num_samples, self.reference_steps).check()
+        self.start.check()
+        for name in ("batch_size", "validate_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.iterations, int) and self.iterations >= 0):
+            raise ValueError(f"iterations must be a non-negative integer, got {self.iterations!r}")
+        if not 0 < self.validation < 1 or round(self.num_samples * self.validation) < 1:
+            raise ValueError(f"validation must be a fraction in (0, 1) that holds out at least one draw, "
+                             f"got {self.validation!r} of {self.num_samples}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+
+
+def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample_shape, variance_preserving: bool,
+               seed: int = 0, settings: SolverFit | None = None, schedule=None, cond: dict | None = None,
+               info: dict | None = None):
+    """Noise levels and coefficients of the `fitted` sampler (`sampling/fitted.py`) for `nfe` model
+    evaluations, fitted to `denoiser` alone. Returns (sigmas, coefficients): run them with
+    `sample(denoiser, x, sigmas, "fitted", coefficients=coefficients)`.
+
+    Method:
+    1. Start: UniPC-3 on its `optimised_sigmas` schedule (itself a point of the fitted family,
+       `FittedCoefficients.from_sampler`).
+    2. Data: `num_samples` calibration draws and their reference endpoints (as in
+       `optimised_sigmas`); a `validation` fraction is held out.
+    3. Fit: Adam on minibatches of the MSE against the reference endpoints, over the n - 1 free log
+       levels (the first stays sigma_max), the state multipliers and the output weights, by
+       backpropagation through the solver and the model (to its input only: the model's parameters
+       get no gradient). The levels stay strictly descending inside [sigma_min, sigma_max].
+    4. Keep: whichever of the start and the validated checkpoints has the lowest held-out MSE, so
+       the fit never returns something worse on new noise than its start, up to validation noise.
+    Budget: `settings.max_model_calls(nfe)`."""
+    from .sampling.fitted import FittedCoefficients, run_linear_multistep
+
+    settings = settings or SolverFit()
+    settings.check()
+    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"nfe (model evaluations) must be a positive integer, got {nfe!r}")
+    if denoiser is None or sample_shape is None:
+        raise ValueError("fit_solver needs denoiser= (the model) and sample_shape= (one sample's shape)")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    calls = {"n": 0}
+
+    def counted(x, sigma, **kw):
+        calls["n"] += 1
+        return denoiser(x, sigma, **kw)
+
+    start_info: dict = {}
+    start = optimised_sigmas(counted, nfe, sigma_min=sigma_min, sigma_max=sigma_max, sample_shape=sample_shape,
+                             variance_preserving=variance_preserving, solver="unipc", solver_options={"order": 3},
+                             seed=seed, calibration=replace(settings.start, dtype=settings.dtype, device=settings.device),
+                             schedule=schedule, cond=cond, info=start_info) if nfe > 1 else \
+        torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    start_sigmas, start_coefficients = FittedCoefficients.from_sampler(start, "unipc", order=3)
+    x_scale0, weights0 = start_coefficients.tensors()
+
+    x_all = _calibration_noise(seed + 1, settings.num_samples, sample_shape, sigma_max, variance_preserving,
+                               settings.dtype, settings.device)
+    with torch.no_grad():
+        target_all = reference_endpoints(counted, x_all, sigma_min, sigma_max, settings.reference_steps, cond)
+    held_out = max(1, round(settings.num_samples * settings.validation))
+    x_fit, target_fit = x_all[:-held_out], target_all[:-held_out]
+    x_val, target_val = x_all[-held_out:], target_all[-held_out:]
+
+    # The state is about sqrt(1 + sigma^2) in size, so its multiplier is learnt as an offset in those units.
+    log_max, log_min, gap = math.log(sigma_max), math.log(sigma_min), 1e-3
+    log_levels = torch.nn.Parameter(start_sigmas[1:-1].log().clone())
+    x_offsets = torch.nn.Parameter(x_scale0 - start_sigmas[1:-1] / start_sigmas[:-2])
+    weights = torch.nn.Parameter(weights0.clone())
+    mask = torch.tril(torch.ones(nfe, nfe, dtype=torch.float64))
+    params = [log_levels, x_offsets, weights]
+
+    def current() -> tuple[Tensor, Tensor, Tensor]:
+        sigmas = torch.cat([torch.tensor([sigma_max], dtype=torch.float64), log_levels.exp()])
+        x_scale = sigmas[1:] / sigmas[:-1] + x_offsets / (1 + sigmas[:-1] ** 2).sqrt()
+        return sigmas, x_scale, weights * mask
+
+    def mse(x: Tensor, target: Tensor) -> Tensor:
+        out = run_linear_multistep(counted, x, *current(), cond=cond)
+        return ((out - target).double() ** 2).mean()
+
+    def validate(best):
+        with torch.no_grad():
+            value = float(mse(x_val, target_val))
+        if math.isfinite(value) and (best is None or value < best[0]):
+            return value, [p.detach().clone() for p in params]
+        return best
+
+    best = validate(None)
+    validation_start = best[0] if best is not None else math.inf
+    optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.iterations, 1))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for step in range(1, settings.iterations + 1):
+        pick = torch.randperm(len(x_fit), generator=g)[: settings.batch_size].to(x_fit.device)
+        loss = mse(x_fit[pick], target_fit[pick])
+        if not torch.isfinite(loss):
+            break
+        for p, grad in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = grad
+        optimizer.step()
+        decay.step()
+        with torch.no_grad():  # keep the levels strictly descending inside [sigma_min, sigma_max]
+            upper = log_max
+            for i in range(len(log_levels)):
+                lower = log_min + (len(log_levels) - 1 - i) * gap
+                log_levels[i] = log_levels[i].clamp(min(lower, upper - gap), upper - gap)
+                upper = float(log_levels[i])
+        if step % settings.validate_every == 0 or step == settings.iterations:
+            best = validate(best)
+    if best is None:
+        raise RuntimeError("fit_solver: the model's output is not finite on the calibration noise")
+    with torch.no_grad():
+        for p, value in zip(params, best[1]):
+            p.copy_(value)
+        sigmas, x_scale, w = current()
+    if info is not None:
+        info.update(model_calls=calls["n"], nfe=nfe, start_base=start_info.get("base"),
+                    validation_mse_start=validation_start, validation_mse=best[0],
+                    max_model_calls=settings.max_model_calls(nfe))
+    return torch.cat([sigmas.detach(), sigmas.new_zeros(1)]), FittedCoefficients.from_tensors(x_scale, w)

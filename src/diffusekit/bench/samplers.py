@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..denoiser import Denoiser
 from ..oracle import GaussianMixture
 from ..sampling import SAMPLERS, sample, seeded_generators
-from ..schedule_opt import Calibration
+from ..schedule_opt import Calibration, SolverFit, fit_solver
 from ..schedules import ALL_SPACINGS, NoiseSchedule
 
 NFES = (5, 10, 20, 50)
@@ -60,6 +60,8 @@ DEFAULT_SPACINGS = ("karras", "exponential", "polyexponential:rho=2", "vp", "uni
                     "linspace", "optimised")
 # The optimised schedule is computed per (mixture, sampler, NFE): only for these samplers by default.
 DEFAULT_OPT_SAMPLERS = ("unipc:order=3", "unipc:order=2", "ipndm")
+# The fitted solver (levels and coefficients fitted to the model) at these budgets by default.
+DEFAULT_FIT_NFES = (5, 10)
 FAMILIES = ("diffusekit", "diffusers", "k-diffusion")
 SW_DIRECTIONS = 64
 
@@ -306,6 +308,29 @@ def run_ours(case: Case, sampler: tuple[str, str, dict], spacing: tuple[str, str
         raise RuntimeError(f"{label} took {network.calls} model evaluations, expected {nfe}")
     rmse, nll_gap, sw = _score(case, out, deterministic)
     return Result(case.name, "diffusekit", label, spacing_label, nfe, n, rmse, nll_gap, sw, seconds, note)
+
+
+def run_fitted(case: Case, nfe: int, *, seed: int, settings: SolverFit) -> Result:
+    """The `fitted` sampler with levels and coefficients fitted to this mixture's model for `nfe`
+    evaluations (`schedule_opt.fit_solver`, its own calibration noise, never the bench's)."""
+    start = time.perf_counter()
+    info: dict = {}
+    sigmas, coefficients = fit_solver(case.denoiser(), nfe, sigma_min=case.schedule.sigma_min,
+                                      sigma_max=case.schedule.sigma_max, sample_shape=(case.mixture.dim,),
+                                      variance_preserving=True, seed=seed, settings=settings,
+                                      schedule=case.schedule, info=info)
+    note = (f"fit {info['model_calls']} evals x <= {settings.num_samples} samples "
+            f"({time.perf_counter() - start:.0f}s), held-out RMSE {math.sqrt(info['validation_mse_start']):.3g} "
+            f"(UniPC-3 optimised) -> {math.sqrt(info['validation_mse']):.3g}")
+    start = time.perf_counter()
+    network = case.counting_network()
+    out = sample(case.denoiser(network), case.x_T * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, "fitted",
+                 coefficients=coefficients)
+    seconds = time.perf_counter() - start
+    if network.calls != nfe:
+        raise RuntimeError(f"fitted took {network.calls} model evaluations, expected {nfe}")
+    rmse, nll_gap, sw = _score(case, out, True)
+    return Result(case.name, "diffusekit", "fitted", "fitted", nfe, nfe, rmse, nll_gap, sw, seconds, note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +668,7 @@ def _plot(results: list[Result], cases: list[Case], nfes, path: Path) -> None:
         series = {}
         for label, families, keep in (
             ("diffusekit, best", ("diffusekit",), lambda r: True),
-            ("diffusekit, best built-in schedule", ("diffusekit",), lambda r: r.schedule != "optimised"),
+            ("diffusekit, best built-in schedule", ("diffusekit",), lambda r: r.schedule not in ("optimised", "fitted")),
             ("diffusers, best", ("diffusers",), lambda r: True),
             ("k-diffusion, best", ("k-diffusion",), lambda r: True),
         ):
@@ -662,10 +687,13 @@ def _plot(results: list[Result], cases: list[Case], nfes, path: Path) -> None:
 def run(*, mixtures=DEFAULT_MIXTURES, schedule: str = "linear", nfes=NFES, samples: int = 512,
         samplers=DEFAULT_SAMPLERS, spacings=DEFAULT_SPACINGS, opt_samplers=DEFAULT_OPT_SAMPLERS,
         peers: bool | list[str] = False, out_dir="bench-samplers", seed: int = 0, top: int = 3,
-        calibration: Calibration | None = None, log=print) -> list[Result]:
+        calibration: Calibration | None = None, fit_nfes=None, fit: SolverFit | None = None,
+        log=print) -> list[Result]:
     """Run the benchmark, print the table and ratios through `log`, write samplers.csv and
     samplers.png into `out_dir`; returns every result row. `peers`: True for every peer, or the
-    peer method names to run (diffusers labels such as "DPM++2M", k-diffusion ones such as "lms")."""
+    peer method names to run (diffusers labels such as "DPM++2M", k-diffusion ones such as "lms").
+    `fit_nfes`: the budgets (among `nfes`) at which the fitted solver is also run, with `fit`'s
+    settings; None: those of DEFAULT_FIT_NFES that are among `nfes`."""
     nfes = sorted({int(n) for n in nfes})
     if not nfes or nfes[0] < 1:
         raise ValueError(f"NFE values must be positive integers, got {nfes}")
@@ -694,6 +722,11 @@ def run(*, mixtures=DEFAULT_MIXTURES, schedule: str = "linear", nfes=NFES, sampl
         d_variants = [v for v in diffusers_variants() if peer_names is None or v[0] in peer_names]
         k_variants = [v for v in k_diffusion_variants() if peer_names is None or v[0] in peer_names]
     calibration = calibration or Calibration(dtype=torch.float64)
+    fit = fit or SolverFit(dtype=torch.float64)
+    fit.check()
+    fit_nfes = set(DEFAULT_FIT_NFES) & set(nfes) if fit_nfes is None else {int(n) for n in fit_nfes}
+    if not fit_nfes <= set(nfes):
+        raise ValueError(f"--fit-nfe {sorted(fit_nfes - set(nfes))} is not among the NFE values run ({nfes})")
     sched = NoiseSchedule.from_name(schedule)
     loaded = [load_mixture(spec) for spec in mixtures]
     out_dir = Path(out_dir)
@@ -717,6 +750,8 @@ def run(*, mixtures=DEFAULT_MIXTURES, schedule: str = "linear", nfes=NFES, sampl
                     results.append(r)
                     if r.steps is None:
                         skipped.setdefault((r.family, r.method), {}).setdefault(nfe, r.note)
+            if nfe in fit_nfes:
+                results.append(run_fitted(case, nfe, seed=seed, settings=fit))
             if peers:
                 with _quiet_peers():
                     peer_rows = [run_diffusers(case, v, nfe, nfe_cache) for v in d_variants]
@@ -734,8 +769,9 @@ def run(*, mixtures=DEFAULT_MIXTURES, schedule: str = "linear", nfes=NFES, sampl
             log(f"  skipped {family} {method} at NFE {', '.join(map(str, sorted(reasons)))}: {reasons[first]}"
                 + (" ..." if len(reasons) > 1 else ""))
         for r in results:
-            if r.mixture == name and r.schedule == "optimised" and r.steps is not None:
-                log(f"  optimised schedule for {r.method} at NFE {r.nfe}: {r.note}")
+            if r.mixture == name and r.schedule in ("optimised", "fitted") and r.steps is not None:
+                log(f"  {r.schedule} {'solver' if r.schedule == 'fitted' else 'schedule for ' + r.method} "
+                    f"at NFE {r.nfe}: {r.note}")
         if peers:
             log(f"ratios ({name}):")
             for line in ratio_lines(results, name, nfes):

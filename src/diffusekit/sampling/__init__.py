@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ancestral, classic, dpm_solver, ode, unipc  # noqa: F401  (each module registers its samplers)
+from . import ancestral, classic, dpm_solver, fitted, ode, unipc  # noqa: F401  (each module registers its samplers)
 from .common import initial_noise, randn_like, seeded_generators, start_scale
+from .fitted import FittedCoefficients
 from .registry import SAMPLERS, SamplerInfo, get_sampler, register
 
 
@@ -53,4 +54,4 @@ def sample(denoiser, x: Tensor, sigmas: Tensor, method: str = "ddim", *, generat
     raise RuntimeError(f"sampler {method!r} did not report reaching sigma={end} to its callback")
 
 
-__all__ = ["SAMPLERS", "initial_noise", "SamplerInfo", "get_sampler", "randn_like", "register", "sample", "seeded_generators", "start_scale"]
+__all__ = ["SAMPLERS", "FittedCoefficients", "initial_noise", "SamplerInfo", "get_sampler", "randn_like", "register", "sample", "seeded_generators", "start_scale"]

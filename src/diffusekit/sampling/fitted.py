@@ -1,0 +1,144 @@
+"""A linear multistep solver whose coefficients are fitted to one model (`schedule_opt.fit_solver`).
+
+With model outputs D_j = D(x_j, sigma_j) at the n noise levels sigma_0 > ... > sigma_{n-1} > 0:
+
+    x_{i+1} = x_scale[i] * x_i + sum_{j <= i} weights[i][j] * D_j      (i < n - 1)
+    output  =                    sum_{j <= n-1} weights[n-1][j] * D_j
+
+Every deterministic data-prediction multistep solver (DDIM, DPM-Solver++(2M), ...) is one choice of
+these numbers (`FittedCoefficients.from_sampler` finds them); the fitted ones are
+whatever minimises the endpoint error on the model's own trajectories. Since x_i is itself a linear
+combination of x_0 and D_0..D_{i-1}, this is the most general solver that is linear in the model's
+outputs (the subspace that PCA-based correctors such as PAS search in).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .common import check_sigmas, report
+from .registry import register
+
+
+@dataclass(frozen=True)
+class FittedCoefficients:
+    """x_scale: n - 1 multipliers of the state; weights: n rows, row i the i + 1 weights of D_0..D_i."""
+
+    x_scale: tuple[float, ...]
+    weights: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self):
+        n = len(self.weights)
+        if n < 1 or len(self.x_scale) != n - 1 or any(len(row) != i + 1 for i, row in enumerate(self.weights)):
+            raise ValueError("FittedCoefficients needs n - 1 x_scale values and n weight rows, row i of length i + 1; "
+                             f"got {len(self.x_scale)} and rows of lengths {[len(r) for r in self.weights]}")
+        values = list(self.x_scale) + [w for row in self.weights for w in row]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("FittedCoefficients must be finite")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.weights)
+
+    @classmethod
+    def from_tensors(cls, x_scale: Tensor, weights: Tensor) -> "FittedCoefficients":
+        """From a [n - 1] tensor and a lower-triangular [n, n] one."""
+        w = weights.detach().double().tolist()
+        return cls(tuple(float(a) for a in x_scale.detach().double().tolist()),
+                   tuple(tuple(w[i][: i + 1]) for i in range(len(w))))
+
+    def tensors(self, dtype=torch.float64) -> tuple[Tensor, Tensor]:
+        n = self.num_levels
+        weights = torch.zeros(n, n, dtype=dtype)
+        for i, row in enumerate(self.weights):
+            weights[i, : i + 1] = torch.tensor(row, dtype=dtype)
+        return torch.tensor(self.x_scale, dtype=dtype), weights
+
+    @classmethod
+    def from_sampler(cls, sigmas, method: str, **options) -> tuple[Tensor, "FittedCoefficients"]:
+        """The levels and coefficients that reproduce a deterministic sampler which is linear in its
+        state and the model's outputs (DDIM, DPM-Solver++, UniPC, DEIS, iPNDM, ...) on `sigmas`.
+
+        The sampler runs once on coefficient vectors over the basis (x_0, D_0, D_1, ...): the
+        stand-in model records where it is evaluated and returns the next basis vector, so every
+        state comes out as its exact linear combination. Returns (levels ending in 0, coefficients)."""
+        from . import get_sampler, sample
+
+        info = get_sampler(method)
+        nfe = info.nfe(len(sigmas))
+        if info.stochastic and options.get("eta", 1.0) != 0 or nfe is None:
+            raise ValueError(f"sampler {method!r} is not a fixed-step deterministic one; cannot take its coefficients")
+        size = nfe + 1
+        states, levels = [], []
+
+        def basis_model(x, sigma, **cond):
+            states.append(x[0].clone())
+            levels.append(float(sigma[0]))
+            out = torch.zeros_like(x)
+            out[0, len(states)] = 1.0
+            return out
+
+        start = torch.zeros(1, size, dtype=torch.float64)
+        start[0, 0] = 1.0
+        final = sample(basis_model, start, torch.as_tensor(sigmas, dtype=torch.float64), method, **options)[0]
+        if not all(a > b for a, b in zip(levels, levels[1:])):
+            raise ValueError(f"sampler {method!r} does not evaluate the model at descending levels; "
+                             "it has no multistep form")
+        states.append(final)
+        x_scale, weights = [], []
+        for i in range(nfe):
+            now, nxt = states[i], states[i + 1]
+            a = 0.0 if i == nfe - 1 else float(nxt[0] / now[0])
+            if i < nfe - 1:
+                x_scale.append(a)
+            weights.append(tuple(float(nxt[j + 1] - a * now[j + 1]) for j in range(i + 1)))
+            if any(abs(float(v)) > 1e-12 for v in (nxt - a * now)[i + 2:]):
+                raise ValueError(f"sampler {method!r} is not linear in the form of the fitted sampler")
+        return torch.tensor(levels + [0.0], dtype=torch.float64), cls(tuple(x_scale), tuple(weights))
+
+    def to_dict(self) -> dict:
+        return {"x_scale": list(self.x_scale), "weights": [list(row) for row in self.weights]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FittedCoefficients":
+        return cls(tuple(data["x_scale"]), tuple(tuple(row) for row in data["weights"]))
+
+
+def run_linear_multistep(denoiser, x: Tensor, sigmas: Tensor, x_scale: Tensor, weights: Tensor, *,
+                         cond: dict | None = None, callback=None) -> Tensor:
+    """The solver of the module docstring with tensor coefficients and levels (`sigmas`: the n
+    levels, without the final 0). Differentiable in all of them: `fit_solver` trains through it."""
+    outputs = []
+    n = len(sigmas)
+    for i in range(n):
+        sigma = sigmas[i].to(x.dtype).expand(x.shape[0])
+        outputs.append(denoiser(x, sigma, **(cond or {})))
+        combined = sum(weights[i, j].to(x.dtype) * outputs[j] for j in range(i + 1))
+        x = combined if i == n - 1 else x_scale[i].to(x.dtype) * x + combined
+        if callback is not None:
+            report(callback, i, x, float(sigmas[i]), float(sigmas[i + 1]) if i < n - 1 else 0.0, outputs[-1])
+    return x
+
+
+@register("fitted", nfe=lambda n: n - 1, stochastic=False)
+@torch.no_grad()
+def fitted(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, progress=False,
+           cond: dict | None = None, coefficients: FittedCoefficients | None = None) -> Tensor:
+    """Linear multistep solver with coefficients fitted to the model (`schedule_opt.fit_solver`
+    returns the levels and the `coefficients` together); without coefficients, those of
+    DPM-Solver++(2M) on `sigmas`. NFE = len(sigmas) - 1."""
+    sigmas = check_sigmas(x, sigmas)
+    if coefficients is None:
+        _, coefficients = FittedCoefficients.from_sampler(sigmas, "dpmpp_2m")
+    if not isinstance(coefficients, FittedCoefficients):
+        raise ValueError(f"coefficients must be a FittedCoefficients (from schedule_opt.fit_solver or "
+                         f"FittedCoefficients.from_sampler), got {type(coefficients).__name__}")
+    if coefficients.num_levels != len(sigmas) - 1:
+        raise ValueError(f"these coefficients were fitted for {coefficients.num_levels} noise levels; "
+                         f"got {len(sigmas) - 1} (use the sigmas fit_solver returned with them)")
+    x_scale, weights = coefficients.tensors()
+    return run_linear_multistep(denoiser, x, sigmas[:-1], x_scale, weights, cond=cond, callback=callback)
