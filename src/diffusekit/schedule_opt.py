@@ -154,6 +154,17 @@ def reference_endpoints(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
     return d_a + (d_a - d_b) * (sigma_min**2 / (sigma_b**2 - sigma_min**2))
 
 
+class _Counted:
+    """The model, counting its evaluations (each one batch of calibration draws)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x, sigma, **cond):
+        self.calls += 1
+        return self.denoiser(x, sigma, **cond)
+
+
 def _calibration_noise(seed: int, num_samples: int, sample_shape, sigma_max: float, variance_preserving: bool,
                        dtype, device) -> Tensor:
     """The calibration starting points: `num_samples` draws of N(0, I) from `seed`, scaled for sigma_max."""
@@ -192,12 +203,7 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
         raise ValueError(f"solver {solver!r} has a data-dependent NFE; an optimised schedule needs a fixed-step solver")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-
-    calls = {"n": 0}
-
-    def counted(x, sigma, **kw):
-        calls["n"] += 1
-        return denoiser(x, sigma, **kw)
+    counted = _Counted(denoiser)
 
     x_start = _calibration_noise(seed, calibration.num_samples, sample_shape, sigma_max, variance_preserving,
                                  calibration.dtype, calibration.device)
@@ -236,7 +242,7 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
     sigmas[0] = sigma_max
     sigmas[-2] = max(float(sigmas[-2]), sigma_min)
     if info is not None:
-        info.update(model_calls=calls["n"], solver_runs=budget.used, nfe=nfe, base=base_name,
+        info.update(model_calls=counted.calls, solver_runs=budget.used, nfe=nfe, base=base_name,
                     loss_initial=scores[base_name], loss_final=best, max_model_calls=calibration.max_model_calls(nfe))
     return sigmas
 
@@ -369,11 +375,7 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
         raise ValueError("fit_solver needs denoiser= (the model) and sample_shape= (one sample's shape)")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    calls = {"n": 0}
-
-    def counted(x, sigma, **kw):
-        calls["n"] += 1
-        return denoiser(x, sigma, **kw)
+    counted = _Counted(denoiser)
 
     start_info: dict = {}
     start = optimised_sigmas(counted, nfe, sigma_min=sigma_min, sigma_max=sigma_max, sample_shape=sample_shape,
@@ -395,7 +397,7 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
     # The state is about sqrt(1 + sigma^2) in size, so its multiplier is learnt as an offset in those units.
     log_max, log_min, gap = math.log(sigma_max), math.log(sigma_min), 1e-3
     log_levels = torch.nn.Parameter(start_sigmas[1:-1].log().clone())
-    x_offsets = torch.nn.Parameter(x_scale0 - start_sigmas[1:-1] / start_sigmas[:-2])
+    x_offsets = torch.nn.Parameter((x_scale0 - start_sigmas[1:-1] / start_sigmas[:-2]) * (1 + start_sigmas[:-2] ** 2).sqrt())
     weights = torch.nn.Parameter(weights0.clone())
     mask = torch.tril(torch.ones(nfe, nfe, dtype=torch.float64))
     params = [log_levels, x_offsets, weights]
@@ -445,7 +447,7 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
             p.copy_(value)
         sigmas, x_scale, w = current()
     if info is not None:
-        info.update(model_calls=calls["n"], nfe=nfe, start_base=start_info.get("base"),
+        info.update(model_calls=counted.calls, nfe=nfe, start_base=start_info.get("base"),
                     validation_mse_start=validation_start, validation_mse=best[0],
                     max_model_calls=settings.max_model_calls(nfe))
     return torch.cat([sigmas.detach(), sigmas.new_zeros(1)]), FittedCoefficients.from_tensors(x_scale, w)
