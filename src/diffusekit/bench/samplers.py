@@ -23,7 +23,8 @@ and sigma option; and k-diffusion's samplers with each of its sigma schedules, o
 denoiser (k-diffusion's `DiscreteEpsDDPMDenoiser` computes the same function).
 
 The `optimised` spacing is computed per (mixture, sampler, NFE) from the model alone, with its own
-calibration noise (never the bench's); its one-off cost is printed, not counted in the NFE.
+calibration noise (never the bench's); so is the `fitted` solver (levels and coefficients,
+`schedule_opt.fit_solver`) at NFE 5 and 10. Their one-off cost is printed, not counted in the NFE.
 
 Reading the numbers: at 5-10 NFE on well-separated mixtures the RMSE is dominated by the few
 samples a method sends to another mode than the exact flow does, so with a few hundred samples it
