@@ -2,6 +2,7 @@
 (from the model alone, within its stated budget, reproducible from a seed) beats the best
 built-in solvers on fresh noise of a mixture it was never developed on."""
 
+import json
 import math
 
 import pytest
@@ -69,7 +70,9 @@ def test_coefficient_form_of_dpm_solver_2m():
 
 def test_coefficients_check_and_round_trip():
     c = FittedCoefficients((0.5,), ((0.5,), (0.1, 0.9)))
-    assert FittedCoefficients.from_dict(c.to_dict()) == c
+    assert FittedCoefficients.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match="need lists 'x_scale' and 'weights'"):
+        FittedCoefficients.from_dict({"weights": [[1.0]]})
     assert FittedCoefficients.from_tensors(*c.tensors()) == c
     with pytest.raises(ValueError, match="n - 1 x_scale values and n weight rows"):
         FittedCoefficients((0.5, 0.5), ((0.5,), (0.1, 0.9)))

@@ -105,7 +105,12 @@ class FittedCoefficients:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FittedCoefficients":
-        return cls(tuple(data["x_scale"]), tuple(tuple(row) for row in data["weights"]))
+        """From `to_dict`'s output (e.g. read back from JSON)."""
+        try:
+            return cls(tuple(float(a) for a in data["x_scale"]),
+                       tuple(tuple(float(w) for w in row) for row in data["weights"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"fitted coefficients need lists 'x_scale' and 'weights' (as to_dict writes them): {e!r}") from None
 
 
 def run_linear_multistep(denoiser, x: Tensor, sigmas: Tensor, x_scale: Tensor, weights: Tensor, *,
