@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusekit.bench.samplers import run
+from diffusekit.bench.samplers import ratio_interval, run
 from diffusekit.cli import main
 from diffusekit.schedule_opt import Calibration, SolverFit
 
@@ -84,7 +84,8 @@ def test_bench_with_peers(tmp_path):
         theirs = _row(rows, "k-diffusion", "lms", "karras", nfe)
         assert float(theirs["rmse"]) == pytest.approx(ours, rel=1e-3)
     assert "ratios (2d):" in text
-    assert text.count("ratio best diffusekit / best peer RMSE = ") == 2
+    assert text.count("ratio best diffusekit / best peer RMSE = ") == 2 and text.count("(90% bootstrap ") == 2
+    assert "sample_errors" not in rows[0]
     assert (tmp_path / "samplers.png").stat().st_size > 0
 
 
@@ -127,3 +128,18 @@ def test_cli_unknown_peer_lists_the_valid_ones(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "unknown peer DPM++9M; valid: Euler, Heun" in err and "dpmpp_3m_sde(eta=0)" in err
+
+
+def test_ratio_interval_closed_forms():
+    """Paired bootstrap of RMSE(ours) / RMSE(peer): a constant per-sample ratio is the interval
+    itself; one sample carrying all of our error makes the interval wide (it is in or out of a
+    resample), and it lies around the full-sample ratio."""
+    peer = torch.rand(300, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    low, high = ratio_interval(0.25 * peer, peer)
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    ours = torch.full((300,), 1e-4, dtype=torch.float64)
+    ours[7] = 300.0  # one mode switch
+    full = float((ours.mean() / peer.mean()).sqrt())
+    low, high = ratio_interval(ours, peer)
+    assert low < 0.6 * full and full < high and high < 2 * full
+    assert all(math.isnan(v) for v in ratio_interval(None, peer))

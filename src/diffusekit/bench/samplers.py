@@ -39,7 +39,7 @@ import inspect
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -226,15 +226,19 @@ class Result:
     sw: float
     seconds: float
     note: str = ""
+    # per-sample mean squared error against the exact endpoints (deterministic methods); not in the CSV
+    sample_errors: Tensor | None = field(default=None, repr=False)
 
 
-def _score(case: Case, x: Tensor, deterministic: bool) -> tuple[float | None, float, float]:
+def _score(case: Case, x: Tensor, deterministic: bool) -> tuple[float | None, float, float, Tensor | None]:
+    """RMSE, NLL gap, SW and the per-sample squared errors (None for stochastic methods)."""
     x = x.double()
     if not torch.isfinite(x).all():
-        return (math.nan if deterministic else None), math.nan, math.nan
-    rmse = float(((x - case.reference) ** 2).mean().sqrt()) if deterministic else None
+        return (math.nan if deterministic else None), math.nan, math.nan, None
+    errors = ((x - case.reference) ** 2).flatten(1).mean(1) if deterministic else None
+    rmse = float(errors.mean().sqrt()) if deterministic else None
     nll_gap = float(-case.mixture.log_prob(x).mean()) - case.ref_nll
-    return rmse, nll_gap, sliced_wasserstein(x, case.true_samples, case.directions)
+    return rmse, nll_gap, sliced_wasserstein(x, case.true_samples, case.directions), errors
 
 
 def _probe_nfe(run: Callable[[int], int], nfe: int, cache: dict, key) -> tuple[int | None, str]:
@@ -307,8 +311,8 @@ def run_ours(case: Case, sampler: tuple[str, str, dict], spacing: tuple[str, str
     seconds = time.perf_counter() - start
     if network.calls != nfe:
         raise RuntimeError(f"{label} took {network.calls} model evaluations, expected {nfe}")
-    rmse, nll_gap, sw = _score(case, out, deterministic)
-    return Result(case.name, "diffusekit", label, spacing_label, nfe, n, rmse, nll_gap, sw, seconds, note)
+    rmse, nll_gap, sw, errors = _score(case, out, deterministic)
+    return Result(case.name, "diffusekit", label, spacing_label, nfe, n, rmse, nll_gap, sw, seconds, note, errors)
 
 
 def run_fitted(case: Case, nfe: int, *, seed: int, settings: SolverFit) -> Result:
@@ -330,8 +334,8 @@ def run_fitted(case: Case, nfe: int, *, seed: int, settings: SolverFit) -> Resul
     seconds = time.perf_counter() - start
     if network.calls != nfe:
         raise RuntimeError(f"fitted took {network.calls} model evaluations, expected {nfe}")
-    rmse, nll_gap, sw = _score(case, out, True)
-    return Result(case.name, "diffusekit", "fitted", "fitted", nfe, nfe, rmse, nll_gap, sw, seconds, note)
+    rmse, nll_gap, sw, errors = _score(case, out, True)
+    return Result(case.name, "diffusekit", "fitted", "fitted", nfe, nfe, rmse, nll_gap, sw, seconds, note, errors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,8 +476,8 @@ def run_diffusers(case: Case, variant: tuple[str, str, str, dict], nfe: int, nfe
     seconds = time.perf_counter() - start
     if network.calls != nfe and not note:
         note = f"counted {network.calls} model evaluations"
-    rmse, nll_gap, sw = _score(case, x, True)
-    return Result(case.name, "diffusers", label, schedule_label, nfe, n, rmse, nll_gap, sw, seconds, note)
+    rmse, nll_gap, sw, errors = _score(case, x, True)
+    return Result(case.name, "diffusers", label, schedule_label, nfe, n, rmse, nll_gap, sw, seconds, note, errors)
 
 
 # (label, k-diffusion function, options); dpm_fast is run separately (its own log-SNR-uniform steps).
@@ -542,8 +546,8 @@ def run_k_diffusion(case: Case, variant: tuple[str, str, dict, str], nfe: int, n
         out = fn(denoiser, x, sigmas, disable=True, **options)
     seconds = time.perf_counter() - start
     note = "" if network.calls == nfe else f"counted {network.calls} model evaluations"
-    rmse, nll_gap, sw = _score(case, out, True)
-    return Result(case.name, "k-diffusion", label, schedule_label, nfe, n, rmse, nll_gap, sw, seconds, note)
+    rmse, nll_gap, sw, errors = _score(case, out, True)
+    return Result(case.name, "k-diffusion", label, schedule_label, nfe, n, rmse, nll_gap, sw, seconds, note, errors)
 
 
 def k_diffusion_variants() -> list[tuple[str, str, dict, str]]:
@@ -576,10 +580,26 @@ def ratio_lines(results: list[Result], mixture: str, nfes) -> list[str]:
         if ours is None or peer is None:
             lines.append(f"  NFE {nfe:>3}: ratio n/a")
             continue
-        lines.append(f"  NFE {nfe:>3}: ratio best diffusekit / best peer RMSE = {ours.rmse / peer.rmse:.3f}   "
-                     f"[{ours.method} + {ours.schedule} {ours.rmse:.2e} vs {peer.family} {peer.method} "
-                     f"({peer.schedule}) {peer.rmse:.2e}]")
+        low, high = ratio_interval(ours.sample_errors, peer.sample_errors)
+        lines.append(f"  NFE {nfe:>3}: ratio best diffusekit / best peer RMSE = {ours.rmse / peer.rmse:.3f} "
+                     f"(90% bootstrap {low:.2f}-{high:.2f})   [{ours.method} + {ours.schedule} {ours.rmse:.2e} vs "
+                     f"{peer.family} {peer.method} ({peer.schedule}) {peer.rmse:.2e}]")
     return lines
+
+
+def ratio_interval(ours: Tensor | None, peer: Tensor | None, *, draws: int = 2000, level: float = 0.9,
+                   seed: int = 0) -> tuple[float, float]:
+    """Paired bootstrap interval of RMSE(ours) / RMSE(peer) from per-sample squared errors on the
+    same noise. At 5-10 NFE a few samples that change mode carry most of the error, so a ratio from
+    a few hundred samples is uncertain by tens of percent; this says by how much."""
+    if ours is None or peer is None or len(ours) != len(peer) or len(ours) == 0:
+        return math.nan, math.nan
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(ours), (draws, len(ours)), generator=g)
+    ratios = (ours.double()[pick].mean(1) / peer.double()[pick].mean(1)).sqrt()
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(ratios, q).tolist()
+    return low, high
 
 
 def format_table(results: list[Result], case: Case, nfes, top: int) -> str:
@@ -600,10 +620,11 @@ def format_table(results: list[Result], case: Case, nfes, top: int) -> str:
 def write_csv(results: list[Result], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0]).keys()) if results else ["mixture"])
+        fields = [f for f in Result.__dataclass_fields__ if f != "sample_errors"]
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in results:
-            writer.writerow(asdict(r))
+            writer.writerow({k: v for k, v in asdict(r).items() if k != "sample_errors"})
 
 
 PALETTE = ((214, 39, 40), (148, 103, 189), (31, 119, 180), (44, 160, 44), (255, 127, 14), (23, 190, 207))
