@@ -28,6 +28,7 @@ by eye go to --work as well.
 
 from __future__ import annotations
 
+import sys
 import argparse
 import os
 import time
@@ -433,4 +434,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusekit._utils import run_script
+
+    sys.exit(run_script(main))

@@ -21,6 +21,7 @@ Single-threaded by default (--threads); the numbers are for this CPU under whate
 
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 import time
@@ -146,4 +147,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusekit._utils import run_script
+
+    sys.exit(run_script(main))

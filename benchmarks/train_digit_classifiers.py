@@ -7,7 +7,11 @@ Seeded and run with 1 torch thread: the same torch build on the same CPU writes 
 Measured (torch 2.13 CPU, 1 thread, shared 2-core machine): digits about 2.5 min, mnist about 2.5 min.
 """
 
+import sys
+
 from diffusekit.metrics.classifier import main
 
 if __name__ == "__main__":
-    main()
+    from diffusekit._utils import run_script
+
+    sys.exit(run_script(main))

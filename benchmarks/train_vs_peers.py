@@ -504,4 +504,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from diffusekit._utils import run_script
+
+    sys.exit(run_script(main))

@@ -221,4 +221,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusekit._utils import run_script
+
+    sys.exit(run_script(main))

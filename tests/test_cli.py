@@ -1,6 +1,8 @@
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +101,12 @@ def test_strip_frames_follow_the_closed_form():
     assert torch.allclose(frames[1].image, math.sqrt(a) * x0 + math.sqrt(1 - a) * noise)
     with pytest.raises(ValueError, match="outside"):
         forward_frames(x0, sched, [1001], noise)
+
+
+def test_benchmark_script_bad_input_is_one_line(tmp_path):
+    """A benchmark script given a run folder that does not exist says so in one line, status 2."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "text_to_image.py"
+    result = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "nope")], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"text_to_image.py: error: no such run or checkpoint folder: {tmp_path / 'nope'}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -57,3 +58,14 @@ def dataclass_from_dict(cls, d: dict, what: str):
     if unknown:
         raise ValueError(f"unknown {what} config fields: {', '.join(sorted(unknown))}")
     return cls(**d)
+
+
+def run_script(main) -> int:
+    """Exit status of a benchmark script's `main()`: bad input (ValueError, OSError, e.g. a wrong
+    --run path) ends it with `script: error: message` on stderr and status 2, as the CLI does,
+    instead of a traceback."""
+    try:
+        return int(main() or 0)
+    except (ValueError, OSError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        return 2
