@@ -303,16 +303,22 @@ def run_ours(case: Case, sampler: tuple[str, str, dict], spacing: tuple[str, str
                 f"({time.perf_counter() - start:.1f}s), base {info['base']}")
     else:
         sigmas = case.schedule.get_sigmas(n, spacing_name, **spacing_options)
+    generator = None if deterministic else seeded_generators(seed + 7919, len(case.x_T))
+    return _run_ours_on(case, label, spacing_label, nfe, n, sigmas, name, options, generator, note)
+
+
+def _run_ours_on(case: Case, label: str, schedule_label: str, nfe: int, steps: int, sigmas: Tensor, name: str,
+                 options: dict, generator, note: str) -> Result:
+    """Run sampler `name` from the case's noise on `sigmas`, check its counted NFE, and score it."""
     start = time.perf_counter()
     network = case.counting_network()
     x = case.x_T * math.sqrt(1 + float(sigmas[0]) ** 2)
-    generator = None if deterministic else seeded_generators(seed + 7919, len(x))
     out = sample(case.denoiser(network), x, sigmas, name, generator=generator, **options)
     seconds = time.perf_counter() - start
     if network.calls != nfe:
         raise RuntimeError(f"{label} took {network.calls} model evaluations, expected {nfe}")
-    rmse, nll_gap, sw, errors = _score(case, out, deterministic)
-    return Result(case.name, "diffusekit", label, spacing_label, nfe, n, rmse, nll_gap, sw, seconds, note, errors)
+    rmse, nll_gap, sw, errors = _score(case, out, generator is None)
+    return Result(case.name, "diffusekit", label, schedule_label, nfe, steps, rmse, nll_gap, sw, seconds, note, errors)
 
 
 def run_fitted(case: Case, nfe: int, *, seed: int, settings: SolverFit) -> Result:
@@ -327,15 +333,7 @@ def run_fitted(case: Case, nfe: int, *, seed: int, settings: SolverFit) -> Resul
     note = (f"fit {info['model_calls']} evals x <= {settings.num_samples} samples "
             f"({time.perf_counter() - start:.0f}s), held-out RMSE {math.sqrt(info['validation_mse_start']):.3g} "
             f"(UniPC-3 optimised) -> {math.sqrt(info['validation_mse']):.3g}")
-    start = time.perf_counter()
-    network = case.counting_network()
-    out = sample(case.denoiser(network), case.x_T * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, "fitted",
-                 coefficients=coefficients)
-    seconds = time.perf_counter() - start
-    if network.calls != nfe:
-        raise RuntimeError(f"fitted took {network.calls} model evaluations, expected {nfe}")
-    rmse, nll_gap, sw, errors = _score(case, out, True)
-    return Result(case.name, "diffusekit", "fitted", "fitted", nfe, nfe, rmse, nll_gap, sw, seconds, note, errors)
+    return _run_ours_on(case, "fitted", "fitted", nfe, nfe, sigmas, "fitted", {"coefficients": coefficients}, None, note)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import trange
 
 from .common import check_sigmas, report
 from .registry import register
@@ -114,12 +115,12 @@ class FittedCoefficients:
 
 
 def run_linear_multistep(denoiser, x: Tensor, sigmas: Tensor, x_scale: Tensor, weights: Tensor, *,
-                         cond: dict | None = None, callback=None) -> Tensor:
+                         cond: dict | None = None, callback=None, progress: bool = False) -> Tensor:
     """The solver of the module docstring with tensor coefficients and levels (`sigmas`: the n
     levels, without the final 0). Differentiable in all of them: `fit_solver` trains through it."""
     outputs = []
     n = len(sigmas)
-    for i in range(n):
+    for i in trange(n, disable=not progress, desc="fitted"):
         sigma = sigmas[i].to(x.dtype).expand(x.shape[0])
         outputs.append(denoiser(x, sigma, **(cond or {})))
         combined = sum(weights[i, j].to(x.dtype) * outputs[j] for j in range(i + 1))
@@ -146,4 +147,5 @@ def fitted(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None
         raise ValueError(f"these coefficients were fitted for {coefficients.num_levels} noise levels; "
                          f"got {len(sigmas) - 1} (use the sigmas fit_solver returned with them)")
     x_scale, weights = coefficients.tensors()
-    return run_linear_multistep(denoiser, x, sigmas[:-1], x_scale, weights, cond=cond, callback=callback)
+    return run_linear_multistep(denoiser, x, sigmas[:-1], x_scale, weights, cond=cond, callback=callback,
+                                progress=progress)

@@ -133,7 +133,9 @@ def resumed_settings(cls, cfg, run_dir: Path):
     # a setting given now (not left at its default) that the run did not train with is not applied: say so
     ignored = [f.name for f in fields(cls) if f.name not in (*RESUME_OVERRIDES, "out")
                and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != getattr(saved, f.name)]
-    for name in ignored if int(os.environ.get("RANK", 0)) == 0 else ():  # once under torchrun, not per process
+    if int(os.environ.get("RANK", 0)) != 0:  # said once under torchrun, by rank 0, not once per process
+        ignored = []
+    for name in ignored:
         flag = "--" + name.replace("_", "-")
         log.warning("--resume continues %s with its own %s %s, not the %s given now; start a new run to change it",
                     run_dir, flag, getattr(saved, name), getattr(cfg, name))
