@@ -39,13 +39,14 @@ import inspect
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .._utils import atomic_path
 from ..denoiser import Denoiser
 from ..oracle import GaussianMixture
 from ..sampling import SAMPLERS, sample, seeded_generators
@@ -616,13 +617,13 @@ def format_table(results: list[Result], case: Case, nfes, top: int) -> str:
 
 
 def write_csv(results: list[Result], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        fields = [f for f in Result.__dataclass_fields__ if f != "sample_errors"]
-        writer = csv.DictWriter(f, fieldnames=fields)
+    """Every row but the per-sample errors, written atomically."""
+    columns = [name for name in Result.__dataclass_fields__ if name != "sample_errors"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in results:
-            writer.writerow({k: v for k, v in asdict(r).items() if k != "sample_errors"})
+            writer.writerow({name: getattr(r, name) for name in columns})
 
 
 PALETTE = ((214, 39, 40), (148, 103, 189), (31, 119, 180), (44, 160, 44), (255, 127, 14), (23, 190, 207))
@@ -678,8 +679,8 @@ def plot_series(panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], 
         x = 20 + 330 * (i // 4)
         draw.line([(x, y + 6), (x + 24, y + 6)], fill=colors[name], width=3)
         draw.text((x + 30, y), name, fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _plot(results: list[Result], cases: list[Case], nfes, path: Path) -> None:
