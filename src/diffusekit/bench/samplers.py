@@ -333,7 +333,7 @@ def run_fitted(case: Case, nfe: int, *, seed: int, settings: SolverFit) -> Resul
                                       schedule=case.schedule, info=info)
     note = (f"fit {info['model_calls']} evals x <= {settings.num_samples} samples "
             f"({time.perf_counter() - start:.0f}s), held-out RMSE {math.sqrt(info['validation_mse_start']):.3g} "
-            f"(UniPC-3 optimised) -> {math.sqrt(info['validation_mse']):.3g}")
+            f"(UniPC-3, {info['start']}) -> {math.sqrt(info['validation_mse']):.3g}")
     return _run_ours_on(case, "fitted", "fitted", nfe, nfe, sigmas, "fitted", {"coefficients": coefficients}, None, note)
 
 

@@ -115,9 +115,11 @@ class FittedCoefficients:
 
 
 def run_linear_multistep(denoiser, x: Tensor, sigmas: Tensor, x_scale: Tensor, weights: Tensor, *,
-                         cond: dict | None = None, callback=None, progress: bool = False) -> Tensor:
+                         cond: dict | None = None, callback=None, progress: bool = False,
+                         states: list | None = None) -> Tensor:
     """The solver of the module docstring with tensor coefficients and levels (`sigmas`: the n
-    levels, without the final 0). Differentiable in all of them: `fit_solver` trains through it."""
+    levels, without the final 0). Differentiable in all of them: `fit_solver` trains through it.
+    `states`, a list, receives x after every step (the last one is the output)."""
     outputs = []
     n = len(sigmas)
     for i in trange(n, disable=not progress, desc="fitted"):
@@ -125,6 +127,8 @@ def run_linear_multistep(denoiser, x: Tensor, sigmas: Tensor, x_scale: Tensor, w
         outputs.append(denoiser(x, sigma, **(cond or {})))
         combined = sum(weights[i, j].to(x.dtype) * outputs[j] for j in range(i + 1))
         x = combined if i == n - 1 else x_scale[i].to(x.dtype) * x + combined
+        if states is not None:
+            states.append(x)
         if callback is not None:
             report(callback, i, x, float(sigmas[i]), float(sigmas[i + 1]) if i < n - 1 else 0.0, outputs[-1])
     return x
