@@ -332,7 +332,7 @@ class SolverFit:
     carried by a few draws that change mode, and fitting them does not carry over to new noise;
     whether a draw changes mode is decided by how far the states drift from the trajectory at
     middle noise levels, which every draw measures. start: the `optimised_sigmas` budget of the
-    UniPC-3 schedule that the fit starts from.
+    UniPC-3 schedule that is one of the fit's two starts.
     """
 
     num_samples: int = 16384
