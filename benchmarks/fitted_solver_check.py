@@ -72,7 +72,10 @@ def main() -> None:
                 score(f"{method} {options or ''} {spacing}", schedule.get_sigmas(args.nfe, spacing), method, **options)
     labels = args.label + [f"fit {i}" for i in range(len(args.label), len(args.fit))]
     for label, overrides in zip(labels, args.fit):
-        settings = replace(SolverFit(dtype=torch.float64), **json.loads(overrides))
+        try:
+            settings = replace(SolverFit(dtype=torch.float64), **json.loads(overrides))
+        except TypeError as e:  # an unknown field
+            raise ValueError(f"--fit {overrides}: {e}; the fields are those of diffusekit.schedule_opt.SolverFit") from None
         start, info = time.perf_counter(), {}
         sigmas, coefficients = fit_solver(denoiser, args.nfe, sigma_min=schedule.sigma_min,
                                           sigma_max=schedule.sigma_max, sample_shape=(mixture.dim,),
