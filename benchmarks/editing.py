@@ -28,9 +28,9 @@ by eye go to --work as well.
 
 from __future__ import annotations
 
-import sys
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 

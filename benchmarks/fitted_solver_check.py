@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from diffusekit import Denoiser, NoiseSchedule, sample
-from diffusekit._utils import run_script
+from diffusekit._utils import atomic_path, run_script
 from diffusekit.bench.samplers import build_case, load_mixture
 from diffusekit.schedule_opt import SolverFit, fit_solver
 
@@ -49,14 +49,23 @@ def main() -> None:
     name, mixture = load_mixture(args.mixture)
     schedule = NoiseSchedule.from_name("linear")
     denoiser = Denoiser(mixture.eps_network(schedule), schedule, "eps")
+    if len(args.label) > len(args.fit):
+        raise ValueError(f"{len(args.label)} --label for {len(args.fit)} --fit: give one label per fit")
+    key = {"mixture": name, "samples": args.samples, "seed": args.seed}
     if args.cache and Path(args.cache).exists():
-        cached = torch.load(args.cache, weights_only=True)
-        x_T, exact = cached["x_T"], cached["reference"]
+        try:
+            cached = torch.load(args.cache, weights_only=True)
+            x_T, exact = cached["x_T"], cached["reference"]
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"cannot read the cache {args.cache} ({type(e).__name__}); delete it to rebuild") from None
+        if cached.get("key") != key:
+            raise ValueError(f"the cache {args.cache} holds {cached.get('key')}, not {key}: use another --cache file")
     else:
         case = build_case(name, mixture, schedule, args.samples, args.seed)
         x_T, exact = case.x_T, case.reference
         if args.cache:
-            torch.save({"x_T": x_T, "reference": exact}, args.cache)
+            with atomic_path(args.cache) as tmp:
+                torch.save({"key": key, "x_T": x_T, "reference": exact}, tmp)
     print(f"{name}, NFE {args.nfe}, {len(x_T)} test draws")
 
     def score(label: str, sigmas, method: str, **options) -> None:

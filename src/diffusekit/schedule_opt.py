@@ -162,11 +162,13 @@ def reference_endpoints(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
     return d_a + (d_a - d_b) * (sigma_min**2 / (sigma_b**2 - sigma_min**2))
 
 
-def _endpoint_mse(denoiser, x: Tensor, target: Tensor, sigmas: Tensor, coefficients, cond: dict | None) -> float:
-    """Mean squared error of the linear multistep solver with `coefficients` on `sigmas` (ending in 0)."""
+@torch.no_grad()
+def _endpoint_mse(denoiser, x: Tensor, target: Tensor, levels: Tensor, x_scale: Tensor, weights: Tensor,
+                  cond: dict | None) -> float:
+    """Mean squared endpoint error of the linear multistep solver on `levels` (without the final 0)."""
     from .sampling.fitted import run_linear_multistep
 
-    out = run_linear_multistep(denoiser, x, sigmas[:-1], *coefficients.tensors(), cond=cond)
+    out = run_linear_multistep(denoiser, x, levels, x_scale, weights, cond=cond)
     error = float(((out - target).double() ** 2).mean())
     return error if math.isfinite(error) else math.inf
 
@@ -417,11 +419,11 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
     with torch.no_grad():
         target_all = reference_endpoints(counted, x_all, sigma_min, sigma_max, settings.reference_steps, cond,
                                          trajectory)
-    if trajectory is not None:  # [levels, draws, ...], levels even in log sigma from sigma_max down
-        trajectory = torch.stack(trajectory)
+    held_out = max(1, round(settings.num_samples * settings.validation))
+    if trajectory is not None:  # [levels, fit draws, ...], levels even in log sigma from sigma_max down
+        trajectory = torch.stack(trajectory)[:, :-held_out]
         log_spacing = TRAJECTORY_STRIDE * (math.log(sigma_max) - math.log(EXTRAPOLATION_RATIO * sigma_min)) \
             / (settings.reference_steps - 2)
-    held_out = max(1, round(settings.num_samples * settings.validation))
     x_fit, target_fit = x_all[:-held_out], target_all[:-held_out]
     x_val, target_val = x_all[-held_out:], target_all[-held_out:]
 
@@ -433,9 +435,10 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
     if nfe > 1:
         shapes = {name: torch.cat([torch.from_numpy(levels).exp(), torch.zeros(1, dtype=torch.float64)])
                   for name, levels in _base_candidates(nfe, sigma_min, sigma_max, schedule).items()}
-        with torch.no_grad():
-            errors = {name: _endpoint_mse(counted, x_fit, target_fit, *FittedCoefficients.from_sampler(
-                levels, "unipc", order=3), cond) for name, levels in shapes.items()}
+        errors = {}
+        for name, levels in shapes.items():
+            levels, coefficients = FittedCoefficients.from_sampler(levels, "unipc", order=3)
+            errors[name] = _endpoint_mse(counted, x_fit, target_fit, levels[:-1], *coefficients.tensors(), cond)
         best_shape = min(errors, key=errors.get)
         starts[best_shape] = shapes[best_shape]
 
@@ -465,7 +468,7 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
             x_scale = sigmas[1:] / sigmas[:-1] + x_offsets / (1 + sigmas[:-1] ** 2).sqrt()
             return sigmas, x_scale, weights * mask
 
-        def loss(x: Tensor, target: Tensor, reference_states: Tensor | None = None) -> Tensor:
+        def loss(x: Tensor, target: Tensor, reference_states: Tensor | None) -> Tensor:
             sigmas, x_scale, w = current()
             states: list[Tensor] = []
             out = run_linear_multistep(counted, x, sigmas, x_scale, w, cond=cond,
@@ -478,8 +481,7 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
             return value
 
         def validate(best):
-            with torch.no_grad():
-                value = float(loss(x_val, target_val))  # held out: the endpoint MSE alone
+            value = _endpoint_mse(counted, x_val, target_val, *current(), cond)  # held out: the endpoint alone
             if math.isfinite(value) and (best is None or value < best[0]):
                 return value, [p.detach().clone() for p in params]
             return best
