@@ -360,3 +360,16 @@ def test_resume_says_which_given_settings_it_does_not_apply(tmp_path, caplog):
         "start a new run to change it"]
     saved = json.loads((run / (run / "latest").read_text().strip() / "config.json").read_text())
     assert saved["train"]["lr"] == FAST["lr"]
+
+
+def test_resume_warns_about_a_setting_given_at_its_default(tmp_path, caplog):
+    """`--lr 2e-3` (the default) to a run trained at 1e-3: the CLI says which flags it got, so the
+    warning does not depend on whether the given value happens to be the default."""
+    run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **{**FAST, "lr": 1e-3}), progress=False)
+    resumed = TrainConfig(out=str(run), steps=3, **FAST)
+    assert resumed.lr == TrainConfig.lr
+    with caplog.at_level("WARNING", logger="diffusekit.train.core"):
+        train(resumed, resume=True, progress=False, given={"out", "steps", "lr"})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--resume continues {run} with its own --lr 0.001, not the {TrainConfig.lr} given now; "
+        "start a new run to change it"]

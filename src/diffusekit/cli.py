@@ -56,7 +56,7 @@ def _train(args) -> None:
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if args.steps is None and args.minutes is None and not args.resume:
         given["minutes"] = 4.0  # the default budget: a few minutes on a laptop CPU
-    run_dir = train(TrainConfig(**given), resume=args.resume, overwrite=args.overwrite)
+    run_dir = train(TrainConfig(**given), resume=args.resume, overwrite=args.overwrite, given=set(given))
     print(f"run saved in {run_dir}: samples.png, loss.png, log.jsonl, checkpoints/")
     if given.get("task") == "superres":
         print(f"upscale with it: diffusekit upscale {run_dir} --image small.png -o large.png")

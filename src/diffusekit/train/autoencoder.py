@@ -237,11 +237,12 @@ class AutoencoderJob(Job):
 
 
 def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, overwrite: bool = False,
-                      progress: bool = True) -> Path:
-    """Train (or resume) an autoencoder run; returns the run folder (use it as `train --autoencoder`)."""
+                      progress: bool = True, given=None) -> Path:
+    """Train (or resume) an autoencoder run; returns the run folder (use it as `train --autoencoder`).
+    `given`: as for `train`."""
     run_dir = Path(cfg.out or f"runs/autoencoder-{Path(cfg.data).name}")
     if resume:
-        cfg = resumed_settings(AutoencoderTrainConfig, cfg, run_dir)
+        cfg = resumed_settings(AutoencoderTrainConfig, cfg, run_dir, given)
     cfg.validate()
     ddp, device = init_distributed(cfg.device)
     check_devices(cfg, ddp, device)
@@ -286,7 +287,8 @@ def _run(args) -> None:
              if getattr(args, f.name, None) is not None}
     if args.steps is None and args.minutes is None and not args.resume:
         given["minutes"] = 4.0
-    run_dir = train_autoencoder(AutoencoderTrainConfig(**given), resume=args.resume, overwrite=args.overwrite)
+    run_dir = train_autoencoder(AutoencoderTrainConfig(**given), resume=args.resume, overwrite=args.overwrite,
+                                given=set(given))
     print(f"autoencoder saved in {run_dir}: samples.png (images over reconstructions), loss.png, log.jsonl, checkpoints/")
     print(f"train a latent diffusion model on it: diffusekit train --autoencoder {run_dir} --data ...")
 

@@ -126,13 +126,15 @@ def config_from_dict(cls, d: dict):
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def resumed_settings(cls, cfg, run_dir: Path):
-    """The run's own settings, except the budget and output cadence the user gives now."""
+def resumed_settings(cls, cfg, run_dir: Path, given=None):
+    """The run's own settings, except the budget and output cadence the user gives now. `given`:
+    the names of the settings the user gave (the CLI's flags); None: those not at their default."""
     # runs saved before --lr-schedule and --snr-floor existed trained at a constant rate, without a floor
     saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, **read_config(run_dir)["train"]})
-    # a setting given now (not left at its default) that the run did not train with is not applied: say so
+    # a setting given now that the run did not train with is not applied: say so
     ignored = [f.name for f in fields(cls) if f.name not in (*RESUME_OVERRIDES, "out")
-               and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != getattr(saved, f.name)]
+               and (f.name in given if given is not None else getattr(cfg, f.name) != f.default)
+               and getattr(cfg, f.name) != getattr(saved, f.name)]
     if int(os.environ.get("RANK", 0)) != 0:  # said once under torchrun, by rank 0, not once per process
         ignored = []
     for name in ignored:

@@ -317,11 +317,13 @@ def _latent_data(cfg: TrainConfig, images, device, resume: bool, run_dir: Path, 
     return data, source
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) a run; returns the run folder."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          given=None) -> Path:
+    """Train (or resume) a run; returns the run folder. `given` (with `resume`): the names of the
+    settings the user gave, to warn about those the run keeps (None: those not at their default)."""
     run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name}")
     if resume:  # the run's own settings win, except the budget and output cadence the user gives now
-        cfg = resumed_settings(TrainConfig, cfg, run_dir)
+        cfg = resumed_settings(TrainConfig, cfg, run_dir, given)
     if cfg.snr_floor is None:  # resolved here, so config.json records the value used
         text_to_image = cfg.text_encoder and cfg.task == "generate" and cfg.weighting == "min_snr"
         cfg = replace(cfg, snr_floor=TEXT_SNR_FLOOR if text_to_image else 0.0)
