@@ -10,8 +10,9 @@ import torch
 
 from diffusekit import Denoiser, GaussianMixture, NoiseSchedule, sample
 from diffusekit.sampling import FittedCoefficients
+from diffusekit.sampling.fitted import Direction
 from diffusekit.schedule_opt import (EXTRAPOLATION_RATIO, TRAJECTORY_STRIDE, Calibration, SolverFit, fit_solver,
-                                    reference_endpoints)
+                                    principal_directions, reference_endpoints)
 
 MULTISTEP = [("ddim", {}), ("euler", {}), ("dpmpp_2m", {}), ("unipc", {"order": 2}), ("unipc", {"order": 3}),
              ("unipc", {"order": 3, "variant": "bh1"}), ("deis", {"order": 3}), ("ipndm", {}), ("lms", {"order": 4})]
@@ -84,6 +85,85 @@ def test_coefficients_check_and_round_trip():
     for method, options in (("heun", {}), ("plms", {}), ("euler_ancestral", {})):
         with pytest.raises(ValueError, match="multistep form|not a fixed-step deterministic"):
             FittedCoefficients.from_sampler(torch.tensor([10.0, 1.0, 0.1, 0.0]), method, **options)
+
+
+def _gaussian_denoiser(rotation, variances):
+    """The exact denoiser of N(0, Q diag(variances) Q^T): D(x, sigma) = Q diag(v / (v + sigma^2)) Q^T x."""
+    def denoiser(x, sigma, **cond):
+        y = x @ rotation
+        return (y * variances / (variances + sigma[:, None] ** 2)) @ rotation.T
+    return denoiser
+
+
+def test_directions_make_two_steps_exact_on_gaussian_data():
+    """Closed form: on N(0, Q diag(v) Q^T) the flow along a principal direction is
+    y(sigma) = y(s) sqrt((v + sigma^2) / (v + s^2)). With x_1 = a x_0 and output w D_1 per direction,
+    a = sqrt((v + s1^2) / (v + s0^2)), w = sqrt((v + s1^2) / v) is exact; one shared set is not.
+    Three directions with their own numbers, the last two (equal variance) on the shared ones."""
+    g = torch.Generator().manual_seed(3)
+    rotation = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64)).Q
+    variances = torch.tensor([9.0, 2.0, 0.5, 0.04, 0.04], dtype=torch.float64)
+    denoiser = _gaussian_denoiser(rotation, variances)
+    s0, s1 = 20.0, 1.5
+    sigmas = torch.tensor([s0, s1, 0.0], dtype=torch.float64)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64) * math.sqrt(s0**2 + 1)
+    exact = ((x @ rotation) * (variances / (variances + s0**2)).sqrt()) @ rotation.T
+
+    def numbers(v):
+        return (math.sqrt((v + s1**2) / (v + s0**2)),), ((0.0,), (0.0, math.sqrt((v + s1**2) / v)))
+
+    directions = tuple(Direction(tuple(rotation[:, m].tolist()), *numbers(float(variances[m]))) for m in range(3))
+    coefficients = FittedCoefficients(*numbers(0.04), directions)
+    out = sample(denoiser, x, sigmas, "fitted", coefficients=coefficients)
+    assert (out - exact).abs().max() < 1e-10
+    assert FittedCoefficients.from_tensors(*coefficients.tensors(), coefficients.basis()) == coefficients
+    assert FittedCoefficients.from_dict(json.loads(json.dumps(coefficients.to_dict()))) == coefficients
+    for v in variances.tolist():  # any one shared set misses some direction
+        shared = sample(denoiser, x, sigmas, "fitted", coefficients=FittedCoefficients(*numbers(v)))
+        assert (shared - exact).abs().max() > 0.1
+    # directions that carry the shared numbers change nothing
+    same = FittedCoefficients(*numbers(2.0), tuple(Direction(d.vector, *numbers(2.0)) for d in directions))
+    plain = sample(denoiser, x, sigmas, "fitted", coefficients=FittedCoefficients(*numbers(2.0)))
+    assert (sample(denoiser, x, sigmas, "fitted", coefficients=same) - plain).abs().max() < 1e-12
+
+
+def test_directions_bad_input():
+    numbers = ((0.5,), ((0.5,), (0.1, 0.9)))
+    with pytest.raises(ValueError, match="orthonormal"):
+        FittedCoefficients(*numbers, (Direction((1.0, 1.0), *numbers),))
+    with pytest.raises(ValueError, match="orthonormal"):
+        FittedCoefficients(*numbers, (Direction((1.0, 0.0), *numbers), Direction((0.0, 1.0, 0.0), *numbers)))
+    with pytest.raises(ValueError, match="for the shared numbers and every direction"):
+        FittedCoefficients(*numbers, (Direction((1.0, 0.0), (0.5, 0.5), numbers[1]),))
+    with pytest.raises(ValueError, match="finite"):
+        FittedCoefficients(*numbers, (Direction((1.0, 0.0), (math.inf,), numbers[1]),))
+    with pytest.raises(ValueError, match="'vector'"):
+        FittedCoefficients.from_dict({"x_scale": [0.5], "weights": [[0.5], [0.1, 0.9]],
+                                      "directions": [{"x_scale": [0.5], "weights": [[0.5], [0.1, 0.9]]}]})
+    coefficients = FittedCoefficients(*numbers, (Direction((1.0, 0.0, 0.0), *numbers),))
+    with pytest.raises(ValueError, match="samples of 3 numbers; got 2"):
+        sample(lambda x, s: x, torch.ones(2, 2, dtype=torch.float64), torch.tensor([2.0, 1.0, 0.0]), "fitted",
+               coefficients=coefficients)
+
+
+def test_principal_directions_against_the_known_spectrum():
+    """Samples of N(0, Q diag(v) Q^T) in 60 dimensions: the top 3 directions found by the subspace
+    iteration (no 60 x 60 covariance) span Q's first three columns; with the size at most k + 8 the
+    result is the covariance's eigenvectors."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64)).Q
+    v = torch.cat([torch.tensor([25.0, 9.0, 4.0]), torch.full((57,), 0.1)]).double()
+    samples = (torch.randn(20000, 60, generator=g, dtype=torch.float64) * v.sqrt()) @ q.T + 3.0
+    basis = principal_directions(samples, 3, seed=1)
+    assert basis.shape == (60, 3)
+    assert torch.allclose(basis.T @ basis, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    overlap = (basis.T @ q[:, :3]).abs()  # |cosine| of each found direction with the true one
+    assert overlap.diagonal().min() > 0.99
+    small = samples[:, :6]
+    values, vectors = torch.linalg.eigh(torch.cov(small.T))
+    found = principal_directions(small, 2)
+    assert torch.allclose((found.T @ vectors[:, [-1, -2]]).abs(), torch.eye(2, dtype=torch.float64), atol=1e-8)
+    assert principal_directions(small, 10).shape == (6, 6)
 
 
 def test_sampler_bad_input(linear):

@@ -164,13 +164,43 @@ def reference_endpoints(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
 
 @torch.no_grad()
 def _endpoint_mse(denoiser, x: Tensor, target: Tensor, levels: Tensor, x_scale: Tensor, weights: Tensor,
-                  cond: dict | None) -> float:
+                  cond: dict | None, basis: Tensor | None = None) -> float:
     """Mean squared endpoint error of the linear multistep solver on `levels` (without the final 0)."""
     from .sampling.fitted import run_linear_multistep
 
-    out = run_linear_multistep(denoiser, x, levels, x_scale, weights, cond=cond)
+    out = run_linear_multistep(denoiser, x, levels, x_scale, weights, basis=basis, cond=cond)
     error = float(((out - target).double() ** 2).mean())
     return error if math.isfinite(error) else math.inf
+
+
+def principal_directions(samples: Tensor, k: int, seed: int = 0) -> Tensor:
+    """The top-k principal directions of `samples` [N, ...] as the orthonormal columns of a
+    [size, k] float64 matrix (k is capped at the size). Subspace iteration from seeded noise, then
+    Rayleigh-Ritz, so image-sized samples never need a size x size covariance."""
+    y = samples.reshape(len(samples), -1).double()
+    y = y - y.mean(0)
+    size = y.shape[1]
+    k = min(k, size)
+    width = min(size, k + 8)  # a few spare vectors make the iteration converge on the top k
+    if width == size:
+        q = torch.eye(size, dtype=y.dtype, device=y.device)
+    else:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        q = torch.linalg.qr(torch.randn(size, width, generator=g, dtype=y.dtype).to(y.device)).Q
+        for _ in range(12):
+            q = torch.linalg.qr(y.T @ (y @ q)).Q
+    values, vectors = torch.linalg.eigh(q.T @ (y.T @ (y @ q)))
+    return q @ vectors[:, values.argsort(descending=True)[:k]]
+
+
+def _check_problem(what: str, count_name: str, count, denoiser, sample_shape, sigma_min: float, sigma_max: float) -> None:
+    """The argument checks `optimised_sigmas` and `fit_solver` share."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"{count_name} must be a positive integer, got {count!r}")
+    if denoiser is None or sample_shape is None:
+        raise ValueError(f"{what} needs denoiser= (the model) and sample_shape= (one sample's shape)")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
 
 
 class _Counted:
@@ -209,10 +239,7 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
 
     calibration = calibration or Calibration()
     calibration.check()
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n (number of steps) must be a positive integer, got {n!r}")
-    if denoiser is None or sample_shape is None:
-        raise ValueError("an optimised schedule needs denoiser= (the model) and sample_shape= (one sample's shape)")
+    _check_problem("an optimised schedule", "n (number of steps)", n, denoiser, sample_shape, sigma_min, sigma_max)
     solver_options = dict(solver_options or {})
     info_solver = get_sampler(solver)
     nfe = info_solver.nfe(n + 1)
@@ -220,8 +247,6 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
         raise ValueError(f"solver {solver!r} is stochastic; optimise for a deterministic solver (or pass eta=0)")
     if nfe is None:
         raise ValueError(f"solver {solver!r} has a data-dependent NFE; an optimised schedule needs a fixed-step solver")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     counted = _Counted(denoiser)
 
     x_start = _calibration_noise(seed, calibration.num_samples, sample_shape, sigma_max, variance_preserving,
@@ -333,8 +358,12 @@ class SolverFit:
     trajectory at the same levels (both divided by sqrt(1 + sigma^2)). The endpoint error alone is
     carried by a few draws that change mode, and fitting them does not carry over to new noise;
     whether a draw changes mode is decided by how far the states drift from the trajectory at
-    middle noise levels, which every draw measures. start: the `optimised_sigmas` budget of the
-    UniPC-3 schedule that is one of the fit's two starts.
+    middle noise levels, which every draw measures. directions: how many of the top principal
+    directions of the model's samples (the reference endpoints of the fit draws) get multistep
+    numbers of their own (`sampling/fitted.py`); 0: one set for the whole state. direction_rate:
+    the learning rate of their differences from the shared numbers, as a fraction of
+    `learning_rate` (all parameters at the full rate made the fit unstable). start: the
+    `optimised_sigmas` budget of the UniPC-3 schedule that is one of the fit's two starts.
     """
 
     num_samples: int = 16384
@@ -345,6 +374,8 @@ class SolverFit:
     validate_every: int = 25
     learning_rate: float = 3e-3
     trajectory_weight: float = 1.0
+    directions: int = 8
+    direction_rate: float = 0.1
     start: Calibration = Calibration()
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
@@ -360,6 +391,8 @@ class SolverFit:
     def check(self) -> None:
         Calibration(self.num_samples, self.reference_steps).check()
         self.start.check()
+        if not (isinstance(self.directions, int) and self.directions >= 0):
+            raise ValueError(f"directions must be a non-negative integer, got {self.directions!r}")
         for name in ("batch_size", "validate_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -370,6 +403,8 @@ class SolverFit:
                              f"got {self.validation!r} of {self.num_samples}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.direction_rate > 0:
+            raise ValueError(f"direction_rate must be > 0, got {self.direction_rate!r}")
         if not self.trajectory_weight >= 0:
             raise ValueError(f"trajectory_weight must be >= 0, got {self.trajectory_weight!r}")
 
@@ -383,13 +418,15 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
 
     Method:
     1. Data: `num_samples` calibration draws and their reference endpoints and trajectories (as in
-       `optimised_sigmas`); a `validation` fraction is held out.
+       `optimised_sigmas`); a `validation` fraction is held out. The top `directions` principal
+       directions of the fit draws' endpoints (the model's own samples) get numbers of their own.
     2. Starts: UniPC-3 (a point of the fitted family, `FittedCoefficients.from_sampler`) on its
        `optimised_sigmas` schedule, and on whichever of the 42 standard shapes of that search has
        the lowest endpoint error on the fit draws; steps 3-4 run from each.
     3. Fit: Adam on minibatches of the MSE against the reference endpoints plus `trajectory_weight`
        times the states' MSE against the reference trajectory (see SolverFit), over the n - 1 free log
-       levels (the first stays sigma_max), the state multipliers and the output weights, by
+       levels (the first stays sigma_max), the state multipliers and the output weights (shared,
+       and per direction, all starting from the start's), by
        backpropagation through the solver and the model (to its input only: the model's parameters
        get no gradient). The levels stay strictly descending inside [sigma_min, sigma_max].
     4. Keep: whichever of the starts and the validated checkpoints has the lowest held-out MSE, so
@@ -399,12 +436,7 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
 
     settings = settings or SolverFit()
     settings.check()
-    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
-        raise ValueError(f"nfe (model evaluations) must be a positive integer, got {nfe!r}")
-    if denoiser is None or sample_shape is None:
-        raise ValueError("fit_solver needs denoiser= (the model) and sample_shape= (one sample's shape)")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    _check_problem("fit_solver", "nfe (model evaluations)", nfe, denoiser, sample_shape, sigma_min, sigma_max)
     counted = _Counted(denoiser)
 
     start_info: dict = {}
@@ -426,6 +458,8 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
             / (settings.reference_steps - 2)
     x_fit, target_fit = x_all[:-held_out], target_all[:-held_out]
     x_val, target_val = x_all[-held_out:], target_all[-held_out:]
+    basis = principal_directions(target_fit, settings.directions, seed) if settings.directions else None
+    sets = 1 if basis is None else basis.shape[1] + 1  # the directions' numbers, then the shared ones
 
     # The starts: UniPC-3 on its optimised levels, and on the standard shape with the lowest endpoint
     # error on the fit draws (many more than the optimised schedule was calibrated on). Which one
@@ -443,7 +477,7 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
         starts[best_shape] = shapes[best_shape]
 
     log_max, log_min, gap = math.log(sigma_max), math.log(sigma_min), 1e-3
-    mask = torch.tril(torch.ones(nfe, nfe, dtype=torch.float64))
+    mask = torch.tril(torch.ones(nfe, nfe, 1, dtype=torch.float64))
 
     def on_trajectory(states: Tensor, sigma: Tensor) -> Tensor:
         """The reference states of `states`' draws at `sigma`: linear in log sigma between stored levels."""
@@ -461,17 +495,24 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
         x_offsets = torch.nn.Parameter((x_scale0 - start_sigmas[1:-1] / start_sigmas[:-2])
                                        * (1 + start_sigmas[:-2] ** 2).sqrt())
         weights = torch.nn.Parameter(weights0.clone())
-        params = [log_levels, x_offsets, weights]
+        # The directions' numbers are the shared ones plus deltas learnt at a lower rate: the shared
+        # solver then fits as without directions, and the directions refine it.
+        x_deltas = torch.nn.Parameter(x_offsets.new_zeros(nfe - 1, sets - 1))
+        weight_deltas = torch.nn.Parameter(weights.new_zeros(nfe, nfe, sets - 1))
+        params = [log_levels, x_offsets, weights, x_deltas, weight_deltas]
 
         def current() -> tuple[Tensor, Tensor, Tensor]:
+            """sigmas, and x_scale and weights in `FittedCoefficients.tensors()`'s layout."""
             sigmas = torch.cat([torch.tensor([sigma_max], dtype=torch.float64), log_levels.exp()])
-            x_scale = sigmas[1:] / sigmas[:-1] + x_offsets / (1 + sigmas[:-1] ** 2).sqrt()
-            return sigmas, x_scale, weights * mask
+            offsets = torch.cat([x_offsets[:, None] + x_deltas, x_offsets[:, None]], 1)
+            x_scale = sigmas[1:, None] / sigmas[:-1, None] + offsets / (1 + sigmas[:-1, None] ** 2).sqrt()
+            w = torch.cat([weights[..., None] + weight_deltas, weights[..., None]], 2) * mask
+            return (sigmas, x_scale[:, 0], w[..., 0]) if basis is None else (sigmas, x_scale, w)
 
         def loss(x: Tensor, target: Tensor, reference_states: Tensor | None) -> Tensor:
             sigmas, x_scale, w = current()
             states: list[Tensor] = []
-            out = run_linear_multistep(counted, x, sigmas, x_scale, w, cond=cond,
+            out = run_linear_multistep(counted, x, sigmas, x_scale, w, basis=basis, cond=cond,
                                        states=states if reference_states is not None else None)
             value = ((out - target).double() ** 2).mean()
             if reference_states is not None and len(states) > 1:  # states[:-1]: at sigmas[1:]
@@ -481,14 +522,16 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
             return value
 
         def validate(best):
-            value = _endpoint_mse(counted, x_val, target_val, *current(), cond)  # held out: the endpoint alone
+            value = _endpoint_mse(counted, x_val, target_val, *current(), cond, basis)  # held out: the endpoint alone
             if math.isfinite(value) and (best is None or value < best[0]):
                 return value, [p.detach().clone() for p in params]
             return best
 
         best = validate(None)
         validation_start = best[0] if best is not None else math.inf
-        optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+        optimizer = torch.optim.Adam([{"params": params[:3]},
+                                      {"params": params[3:], "lr": settings.learning_rate * settings.direction_rate}],
+                                     lr=settings.learning_rate)
         decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.iterations, 1))
         g = torch.Generator(device="cpu").manual_seed(seed)
         for step in range(1, settings.iterations + 1):
@@ -524,4 +567,4 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
         info.update(model_calls=counted.calls, nfe=nfe, start_base=start_info.get("base"), start=start_name,
                     validation_mse_start=validation_start, validation_mse=validation_best,
                     max_model_calls=settings.max_model_calls(nfe))
-    return torch.cat([sigmas.detach(), sigmas.new_zeros(1)]), FittedCoefficients.from_tensors(x_scale, w)
+    return torch.cat([sigmas.detach(), sigmas.new_zeros(1)]), FittedCoefficients.from_tensors(x_scale, w, basis)

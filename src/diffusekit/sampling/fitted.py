@@ -10,6 +10,14 @@ these numbers (`FittedCoefficients.from_sampler` finds them); the fitted ones ar
 whatever minimises the endpoint error on the model's own trajectories. Since x_i is itself a linear
 combination of x_0 and D_0..D_{i-1}, this is the most general solver that is linear in the model's
 outputs (the subspace that PCA-based correctors such as PAS search in).
+
+Directions: the numbers may also differ by direction. With unit vectors u_1..u_k (orthonormal;
+`fit_solver` takes the model's top principal directions), the state's component along u_m is
+advanced with that direction's own x_scale and weights, and the rest of the state with the shared
+ones. The flow along a direction of large data variance (one that separates modes) is nothing like
+the flow along one of small variance (inside a mode: there D(x, sigma) barely depends on x until
+sigma is small), and no single set of numbers integrates both well; for Gaussian data, one set per
+principal direction can be exact.
 """
 
 from __future__ import annotations
@@ -26,38 +34,78 @@ from .registry import register
 
 
 @dataclass(frozen=True)
-class FittedCoefficients:
-    """x_scale: n - 1 multipliers of the state; weights: n rows, row i the i + 1 weights of D_0..D_i."""
+class Direction:
+    """A unit vector (over the flattened sample) and the x_scale / weights its component gets."""
 
+    vector: tuple[float, ...]
     x_scale: tuple[float, ...]
     weights: tuple[tuple[float, ...], ...]
 
+
+@dataclass(frozen=True)
+class FittedCoefficients:
+    """x_scale: n - 1 multipliers of the state; weights: n rows, row i the i + 1 weights of D_0..D_i.
+    directions: orthonormal directions with numbers of their own (module docstring); x_scale and
+    weights then act on the rest of the state."""
+
+    x_scale: tuple[float, ...]
+    weights: tuple[tuple[float, ...], ...]
+    directions: tuple[Direction, ...] = ()
+
     def __post_init__(self):
         n = len(self.weights)
-        if n < 1 or len(self.x_scale) != n - 1 or any(len(row) != i + 1 for i, row in enumerate(self.weights)):
-            raise ValueError("FittedCoefficients needs n - 1 x_scale values and n weight rows, row i of length i + 1; "
-                             f"got {len(self.x_scale)} and rows of lengths {[len(r) for r in self.weights]}")
-        values = list(self.x_scale) + [w for row in self.weights for w in row]
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError("FittedCoefficients must be finite")
+        for x_scale, weights in [(self.x_scale, self.weights)] + [(d.x_scale, d.weights) for d in self.directions]:
+            if n < 1 or len(x_scale) != n - 1 or len(weights) != n or any(len(row) != i + 1 for i, row in enumerate(weights)):
+                raise ValueError("FittedCoefficients needs n - 1 x_scale values and n weight rows, row i of length i + 1, "
+                                 f"for the shared numbers and every direction; got {len(x_scale)} and rows of lengths "
+                                 f"{[len(r) for r in weights]}")
+            if not all(math.isfinite(v) for v in list(x_scale) + [w for row in weights for w in row]):
+                raise ValueError("FittedCoefficients must be finite")
+        if self.directions:
+            basis = self.basis()
+            if basis.shape[0] < len(self.directions) or not torch.allclose(
+                    basis.T @ basis, torch.eye(len(self.directions), dtype=basis.dtype), atol=1e-6):
+                raise ValueError("the directions of FittedCoefficients must be orthonormal vectors of one length")
 
     @property
     def num_levels(self) -> int:
         return len(self.weights)
 
+    def basis(self, dtype=torch.float64) -> Tensor | None:
+        """The directions as the columns of a [size, k] matrix (None without directions)."""
+        if not self.directions:
+            return None
+        if len({len(d.vector) for d in self.directions}) != 1:
+            raise ValueError("the directions of FittedCoefficients must be orthonormal vectors of one length")
+        return torch.tensor([d.vector for d in self.directions], dtype=dtype).T
+
     @classmethod
-    def from_tensors(cls, x_scale: Tensor, weights: Tensor) -> "FittedCoefficients":
-        """From a [n - 1] tensor and a lower-triangular [n, n] one."""
-        w = weights.detach().double().tolist()
-        return cls(tuple(float(a) for a in x_scale.detach().double().tolist()),
-                   tuple(tuple(w[i][: i + 1]) for i in range(len(w))))
+    def from_tensors(cls, x_scale: Tensor, weights: Tensor, basis: Tensor | None = None) -> "FittedCoefficients":
+        """From a [n - 1] tensor and a lower-triangular [n, n] one; with a [size, k] `basis`, from
+        [n - 1, k + 1] and [n, n, k + 1] ones whose last entries are the shared numbers."""
+        def rows(a: Tensor, w: Tensor):
+            w = w.detach().double().tolist()
+            return tuple(float(v) for v in a.detach().double().tolist()), tuple(tuple(w[i][: i + 1]) for i in range(len(w)))
+
+        if basis is None:
+            return cls(*rows(x_scale, weights))
+        directions = tuple(Direction(tuple(basis[:, m].detach().double().tolist()), *rows(x_scale[:, m], weights[..., m]))
+                           for m in range(basis.shape[1]))
+        return cls(*rows(x_scale[:, -1], weights[..., -1]), directions)
 
     def tensors(self, dtype=torch.float64) -> tuple[Tensor, Tensor]:
+        """x_scale [n - 1] and weights [n, n]; with directions [n - 1, k + 1] and [n, n, k + 1] (the
+        directions' numbers, then the shared ones; `basis()` gives the matching vectors)."""
         n = self.num_levels
-        weights = torch.zeros(n, n, dtype=dtype)
-        for i, row in enumerate(self.weights):
-            weights[i, : i + 1] = torch.tensor(row, dtype=dtype)
-        return torch.tensor(self.x_scale, dtype=dtype), weights
+        sets = [(d.x_scale, d.weights) for d in self.directions] + [(self.x_scale, self.weights)]
+        weights = torch.zeros(n, n, len(sets), dtype=dtype)
+        for m, (_, rows) in enumerate(sets):
+            for i, row in enumerate(rows):
+                weights[i, : i + 1, m] = torch.tensor(row, dtype=dtype)
+        x_scale = torch.tensor([a for a, _ in sets], dtype=dtype).reshape(len(sets), n - 1).T
+        if not self.directions:
+            return x_scale[:, 0], weights[..., 0]
+        return x_scale, weights
 
     @classmethod
     def from_sampler(cls, sigmas, method: str, **options) -> tuple[Tensor, "FittedCoefficients"]:
@@ -102,30 +150,53 @@ class FittedCoefficients:
         return torch.tensor(levels + [0.0], dtype=torch.float64), cls(tuple(x_scale), tuple(weights))
 
     def to_dict(self) -> dict:
-        return {"x_scale": list(self.x_scale), "weights": [list(row) for row in self.weights]}
+        out = {"x_scale": list(self.x_scale), "weights": [list(row) for row in self.weights]}
+        if self.directions:
+            out["directions"] = [{"vector": list(d.vector), "x_scale": list(d.x_scale),
+                                  "weights": [list(row) for row in d.weights]} for d in self.directions]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "FittedCoefficients":
         """From `to_dict`'s output (e.g. read back from JSON)."""
+        def numbers(d: dict):
+            return tuple(float(a) for a in d["x_scale"]), tuple(tuple(float(w) for w in row) for row in d["weights"])
+
         try:
-            return cls(tuple(float(a) for a in data["x_scale"]),
-                       tuple(tuple(float(w) for w in row) for row in data["weights"]))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"fitted coefficients need lists 'x_scale' and 'weights' (as to_dict writes them): {e!r}") from None
+            directions = tuple(Direction(tuple(float(v) for v in d["vector"]), *numbers(d))
+                               for d in data.get("directions", ()))
+            return cls(*numbers(data), directions)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError("fitted coefficients need lists 'x_scale' and 'weights' (and, per direction, 'vector'), "
+                             f"as to_dict writes them: {e!r}") from None
 
 
 def run_linear_multistep(denoiser, x: Tensor, sigmas: Tensor, x_scale: Tensor, weights: Tensor, *,
-                         cond: dict | None = None, callback=None, progress: bool = False,
-                         states: list | None = None) -> Tensor:
+                         basis: Tensor | None = None, cond: dict | None = None, callback=None,
+                         progress: bool = False, states: list | None = None) -> Tensor:
     """The solver of the module docstring with tensor coefficients and levels (`sigmas`: the n
-    levels, without the final 0). Differentiable in all of them: `fit_solver` trains through it.
+    levels, without the final 0), in `FittedCoefficients.tensors()`'s layout; with a [size, k]
+    `basis`, the numbers per direction. Differentiable in all of them: `fit_solver` trains through it.
     `states`, a list, receives x after every step (the last one is the output)."""
-    outputs = []
+    outputs, projected = [], []
     n = len(sigmas)
+    if basis is not None:
+        basis = basis.to(x.dtype)
+        x_scale, weights = x_scale.to(x.dtype), weights.to(x.dtype)
+        # The shared numbers advance the whole state; each direction's component is then corrected
+        # by the difference of its numbers from the shared ones.
+        x_extra, w_extra = x_scale[:, :-1] - x_scale[:, -1:], weights[..., :-1] - weights[..., -1:]
+        x_scale, weights = x_scale[:, -1], weights[..., -1]
     for i in trange(n, disable=not progress, desc="fitted"):
         sigma = sigmas[i].to(x.dtype).expand(x.shape[0])
         outputs.append(denoiser(x, sigma, **(cond or {})))
         combined = sum(weights[i, j].to(x.dtype) * outputs[j] for j in range(i + 1))
+        if basis is not None:
+            projected.append(outputs[-1].reshape(len(x), -1) @ basis)
+            along = sum(w_extra[i, j] * projected[j] for j in range(i + 1))
+            if i < n - 1:
+                along = along + x_extra[i] * (x.reshape(len(x), -1) @ basis)
+            combined = combined + (along @ basis.T).reshape(x.shape)
         x = combined if i == n - 1 else x_scale[i].to(x.dtype) * x + combined
         if states is not None:
             states.append(x)
@@ -150,6 +221,9 @@ def fitted(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None
     if coefficients.num_levels != len(sigmas) - 1:
         raise ValueError(f"these coefficients were fitted for {coefficients.num_levels} noise levels; "
                          f"got {len(sigmas) - 1} (use the sigmas fit_solver returned with them)")
+    basis = coefficients.basis()
+    if basis is not None and basis.shape[0] != x[0].numel():
+        raise ValueError(f"these coefficients were fitted for samples of {basis.shape[0]} numbers; got {x[0].numel()}")
     x_scale, weights = coefficients.tensors()
-    return run_linear_multistep(denoiser, x, sigmas[:-1], x_scale, weights, cond=cond, callback=callback,
-                                progress=progress)
+    return run_linear_multistep(denoiser, x, sigmas[:-1], x_scale, weights, basis=basis, cond=cond,
+                                callback=callback, progress=progress)
