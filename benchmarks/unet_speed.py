@@ -5,7 +5,9 @@ architecture and the same weights, timed alternately in one process.
                                     [--window 1.0] [--no-memory]
 
 For each configuration and thread count it prints images/s for a forward pass and for a training
-step (forward + MSE + backward + AdamW), achieved GFLOP/s (FLOPs counted by
+step (forward + MSE + backward + AdamW, each library with the optimizer it trains with:
+diffusekit's trainer uses PyTorch's fused AdamW kernel, diffusers' training examples the default
+`torch.optim.AdamW`, a loop over the tensors on the CPU), achieved GFLOP/s (FLOPs counted by
 torch.utils.flop_counter) as a fraction of this machine's measured peak (a 2048^2 sgemm and a 1x1
 convolution), peak memory (max RSS of a fresh subprocess per variant doing a few training steps)
 and the ratios diffusekit / diffusers.
@@ -78,7 +80,11 @@ class Variant:
         x = torch.randn(BATCH, c["channels"], c["size"], c["size"], generator=g)
         t = torch.randint(0, 1000, (BATCH,), generator=g).float()
         target = torch.randn_like(x)
-        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        if which == "diffusers":
+            opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        else:
+            from diffusekit.train.core import adamw
+            opt = adamw(self.model.parameters(), lr=1e-4)
         amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
         model = self.model
 

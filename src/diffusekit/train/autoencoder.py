@@ -25,7 +25,7 @@ from ..data import load_dataset
 from ..images import psnr
 from ..nn.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from .checkpoint import FORMAT, VERSION
-from .core import (LR_SCHEDULES, Job, check_crop_fits, check_crop_settings, check_devices, config_from_dict, cropping,
+from .core import (LR_SCHEDULES, Job, adamw, check_crop_fits, check_crop_settings, check_devices, config_from_dict, cropping,
                    fit, global_batch_indices, init_distributed, random_crops, resumed_settings, step_generator,
                    validate_loop_settings)
 
@@ -134,8 +134,8 @@ class AutoencoderJob(Job):
         if disc is not None:
             if world > 1:
                 self.disc_model = torch.nn.parallel.DistributedDataParallel(disc)
-            self.disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9),
-                                                    weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+            self.disc_optimizer = adamw(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9),
+                                        weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         n = min(cfg.num_samples, len(data))
         self.preview_images = data.batch(torch.arange(n))[0]
         self.preview_columns = min(8, n)

@@ -263,6 +263,15 @@ class Job:
 # ---------------------------------------------------------------------------------------------
 
 
+def adamw(params, **options) -> torch.optim.AdamW:
+    """AdamW, with PyTorch's fused kernel where every parameter's device has one (CPU, CUDA): one
+    kernel per step instead of a loop over the tensors, 4-5x faster on the CPU for 1M-36M-parameter
+    U-Nets (`benchmarks/unet_speed.py`)."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=True if fused else None, **options)
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
     has_run = (run_dir / "latest").exists() or (run_dir / "checkpoints").exists() or (run_dir / "log.jsonl").exists()
     if resume:
@@ -285,7 +294,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     net = job.net
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    optimizer = adamw(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     start_step, start_seconds = 0, 0.0
     if resume:
