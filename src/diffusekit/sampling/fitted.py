@@ -181,8 +181,7 @@ def run_linear_multistep(denoiser, x: Tensor, sigmas: Tensor, x_scale: Tensor, w
     outputs, projected = [], []
     n = len(sigmas)
     if basis is not None:
-        basis = basis.to(x.dtype)
-        x_scale, weights = x_scale.to(x.dtype), weights.to(x.dtype)
+        basis, x_scale, weights = basis.to(x), x_scale.to(x), weights.to(x)  # x's dtype and device
         # The shared numbers advance the whole state; each direction's component is then corrected
         # by the difference of its numbers from the shared ones.
         x_extra, w_extra = x_scale[:, :-1] - x_scale[:, -1:], weights[..., :-1] - weights[..., -1:]
