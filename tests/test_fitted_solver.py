@@ -216,6 +216,10 @@ def test_fit_beats_the_built_in_solvers_on_fresh_noise(held_out, linear):
 
     again, same = fit_solver(denoiser, 5, **fit)
     assert torch.equal(again, sigmas) and same == coefficients
+    # 6 dimensions: every principal direction has numbers of its own, and they travel as JSON
+    assert len(coefficients.directions) == 6
+    assert any(d.weights != coefficients.weights for d in coefficients.directions)
+    assert FittedCoefficients.from_dict(json.loads(json.dumps(coefficients.to_dict()))) == coefficients
 
 
 def test_reference_trajectory_against_the_closed_form():
