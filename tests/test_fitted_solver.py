@@ -250,9 +250,14 @@ def test_fit_bad_input(held_out, linear):
         fit_solver(None, 5, **fit)
     for bad, message in ((dict(batch_size=0), "batch_size"), (dict(validation=1.0), "validation"),
                          (dict(learning_rate=0.0), "learning_rate"), (dict(num_samples=0), "num_samples"),
-                         (dict(trajectory_weight=-1.0), "trajectory_weight")):
+                         (dict(trajectory_weight=-1.0), "trajectory_weight"), (dict(directions=-1), "directions"),
+                         (dict(directions=2.5), "directions"), (dict(direction_rate=0.0), "direction_rate")):
         with pytest.raises(ValueError, match=message):
             fit_solver(denoiser, 5, settings=SolverFit(**bad), **fit)
+    small = SolverFit(num_samples=64, batch_size=16, reference_steps=20, iterations=2,
+                      start=Calibration(num_samples=16, reference_steps=20, max_runs=5))
+    with pytest.raises(RuntimeError, match="not finite on the calibration noise"):
+        fit_solver(lambda x, sigma, **cond: x * math.nan, 3, settings=small, **fit)
 
 
 def test_fit_on_a_network_leaves_its_weights_alone(linear):

@@ -451,6 +451,8 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
     with torch.no_grad():
         target_all = reference_endpoints(counted, x_all, sigma_min, sigma_max, settings.reference_steps, cond,
                                          trajectory)
+    if not torch.isfinite(target_all).all():  # before the principal directions, which would fail on it
+        raise RuntimeError("fit_solver: the model's output is not finite on the calibration noise")
     held_out = max(1, round(settings.num_samples * settings.validation))
     if trajectory is not None:  # [levels, fit draws, ...], levels even in log sigma from sigma_max down
         trajectory = torch.stack(trajectory)[:, :-held_out]
