@@ -44,6 +44,10 @@ def test_resume_is_bit_exact(tmp_path):
     # and training did something: the weights moved from the step-4 checkpoint
     log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]
+    # the trainer's AdamW is PyTorch's fused kernel on the CPU, and stays so after a resume
+    folder = resumed / (resumed / "latest").read_text().strip()
+    groups = torch.load(folder / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(g["fused"] is True for g in groups)
 
 
 def test_cosine_learning_rate_decays_over_the_budget_and_resumes_exactly(tmp_path):
