@@ -73,8 +73,12 @@ def test_coefficient_form_of_dpm_solver_2m():
 def test_coefficients_check_and_round_trip():
     c = FittedCoefficients((0.5,), ((0.5,), (0.1, 0.9)))
     assert FittedCoefficients.from_dict(json.loads(json.dumps(c.to_dict()))) == c
-    with pytest.raises(ValueError, match="need lists 'x_scale' and 'weights'"):
+    with pytest.raises(ValueError, match="need lists of numbers 'x_scale' and 'weights'"):
         FittedCoefficients.from_dict({"weights": [[1.0]]})
+    with pytest.raises(ValueError, match="need lists of numbers .*could not convert"):
+        FittedCoefficients.from_dict({"x_scale": ["half"], "weights": [[0.5], [0.1, 0.9]]})
+    with pytest.raises(ValueError, match="n - 1 x_scale values"):  # the constructor's own check, not rewritten
+        FittedCoefficients.from_dict({"x_scale": [0.5, 0.5], "weights": [[0.5], [0.1, 0.9]]})
     assert FittedCoefficients.from_tensors(*c.tensors()) == c
     with pytest.raises(ValueError, match="n - 1 x_scale values and n weight rows"):
         FittedCoefficients((0.5, 0.5), ((0.5,), (0.1, 0.9)))

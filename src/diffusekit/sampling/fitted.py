@@ -162,13 +162,13 @@ class FittedCoefficients:
         def numbers(d: dict):
             return tuple(float(a) for a in d["x_scale"]), tuple(tuple(float(w) for w in row) for row in d["weights"])
 
-        try:
-            directions = tuple(Direction(tuple(float(v) for v in d["vector"]), *numbers(d))
-                               for d in data.get("directions", ()))
-            return cls(*numbers(data), directions)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError("fitted coefficients need lists 'x_scale' and 'weights' (and, per direction, 'vector'), "
-                             f"as to_dict writes them: {e!r}") from None
+        try:  # parsed first, built after: the constructors' own checks keep their messages
+            parsed = [(tuple(float(v) for v in d["vector"]), *numbers(d)) for d in data.get("directions", ())]
+            shared = numbers(data)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError("fitted coefficients need lists of numbers 'x_scale' and 'weights' (and, per "
+                             f"direction, 'vector'), as to_dict writes them: {e!r}") from None
+        return cls(*shared, tuple(Direction(*d) for d in parsed))
 
 
 def run_linear_multistep(denoiser, x: Tensor, sigmas: Tensor, x_scale: Tensor, weights: Tensor, *,
