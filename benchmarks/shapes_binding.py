@@ -143,6 +143,8 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--images", type=int, default=128, help="real pair images for the attention read-out")
     args = parser.parse_args()
+    if args.n < 1 or args.images < 1:
+        raise ValueError(f"--n and --images must be at least 1, got {args.n} and {args.images}")
     model = load(args.run)
     if model.text_encoder is None or model.config["data"]["name"] != "shapes":
         raise ValueError(f"{args.run} is not a text-to-image model trained on shapes")
