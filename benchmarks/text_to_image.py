@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import diffusekit  # noqa: F401  (before torch: it picks OpenMP's wait policy by the machine's load)
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -33,7 +35,7 @@ from diffusekit.images import save_image, tensor_to_pil
 from diffusekit.metrics.shapes import analyser_accuracy, prompt_adherence
 from diffusekit.pipelines import generate
 from diffusekit.train import TrainConfig, load, train
-from diffusekit.train.loop import TEXT_SNR_FLOOR
+from diffusekit.train.loop import TEXT_ADAM_BETA2, TEXT_SNR_FLOOR
 from diffusekit.train.core import LR_SCHEDULES
 
 ATTRS = ("shape_colour", "position", "all", "shape", "colour", "size", "count")
@@ -102,6 +104,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr,
                         help=f"peak learning rate when training (default {TrainConfig.lr})")
+    parser.add_argument("--adam-beta2", type=float,
+                        help=f"AdamW's second-moment decay when training (default {TEXT_ADAM_BETA2}, as for any "
+                        "text-to-image model)")
     parser.add_argument("--text-encoder", choices=("minilm", "learned"), default="minilm",
                         help="text encoder when training (default minilm, frozen)")
     parser.add_argument("--n", type=int, default=200, help="prompts per split and guidance scale (default 200)")
@@ -112,15 +117,18 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (a short spin)')}")
 
     run = args.run
     if run is None:
         start = time.monotonic()
         run = train(TrainConfig(data="shapes", preset="shapes", text_encoder=args.text_encoder,
-                                batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
+                                batch_size=args.batch_size, lr=args.lr, adam_beta2=args.adam_beta2, minutes=args.minutes,
                                 lr_schedule=args.lr_schedule, weighting=args.weighting, snr_floor=args.snr_floor,
-                                out=str(out / "run"), save_minutes=5.0), overwrite=True)
+                                out=str(out / "run"), save_minutes=None,
+                                # no checkpoints or preview grids on the way: every second is a step
+                                checkpoint_every=10**9, sample_every=10**9), overwrite=True)
         print(f"trained {run} in {(time.monotonic() - start) / 60:.1f} min")
     model = load(run)
     steps = int(Path(model.path).name.split("-")[-1])

@@ -51,6 +51,22 @@ def test_minilm_embedding_does_not_depend_on_the_batch(minilm):
         assert torch.equal(both.states[i], one[i].states[0]) and torch.equal(both.pooled[i], one[i].pooled[0])
 
 
+def test_minilm_precompute_caches_what_one_at_a_time_encoding_gives(minilm):
+    from diffusekit.data import ShapesDataset
+
+    captions = ShapesDataset(seed=0).captions(range(40))
+    minilm._cache.clear()
+    minilm.precompute(captions + captions[:5], batch_size=16)  # duplicates are encoded once
+    assert set(minilm._cache) == set(captions)
+    cached = minilm(captions[:6])
+    minilm._cache.clear()
+    for i, caption in enumerate(captions[:6]):
+        alone = minilm([caption])
+        n = alone.mask.sum()
+        torch.testing.assert_close(cached.states[i, :n], alone.states[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached.pooled[i], alone.pooled[0], atol=1e-5, rtol=0)
+
+
 def test_minilm_truncates_long_prompts_with_a_warning(minilm, caplog):
     long = "a red circle " * 60
     with caplog.at_level(logging.WARNING):

@@ -80,6 +80,10 @@ def test_learning_rate_schedules():
     assert learning_rate(cfg, 10, 1.0) == pytest.approx(0.0, abs=1e-15)
     assert learning_rate(cfg, 10, 3.0) == pytest.approx(0.0, abs=1e-15)  # past the budget: stays at 0
     assert learning_rate(TrainConfig(lr=1.0, warmup_steps=1, lr_schedule="constant"), 10, 0.9) == 1.0
+    wsd = TrainConfig(lr=1.0, warmup_steps=1, lr_schedule="wsd")
+    assert learning_rate(wsd, 10, 0.0) == learning_rate(wsd, 10, 0.8) == 1.0
+    assert learning_rate(wsd, 10, 0.9) == pytest.approx(0.5)
+    assert learning_rate(wsd, 10, 1.0) == pytest.approx(0.0, abs=1e-15)
     with pytest.raises(ValueError, match="--lr-schedule"):
         TrainConfig(lr_schedule="linear").validate()
 
@@ -377,3 +381,18 @@ def test_resume_warns_about_a_setting_given_at_its_default(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"--resume continues {run} with its own --lr 0.001, not the {TrainConfig.lr} given now; "
         "start a new run to change it"]
+
+
+def test_openmp_waits_passively_only_on_a_busy_machine(monkeypatch):
+    import diffusekit
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 1.0, 1.0))
+    assert not diffusekit._machine_is_busy()  # idle: OpenMP's short spin, 1.5x faster here
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.1, 0.1))
+    assert diffusekit._machine_is_busy()
+    # and it decides before torch loads, in a fresh interpreter, unless the user chose
+    code = "import diffusekit, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -102,6 +102,13 @@ class _FrozenEncoder(nn.Module):
         pooled = torch.stack([self._cache[p][1] for p in prompts])
         return TextEmbedding(states.to(device), mask.to(device), pooled.to(device))
 
+    def precompute(self, prompts, batch_size: int = 512) -> None:
+        """Cache the embeddings of a fixed caption set up front: large batches encode ~2x faster
+        per prompt than a training batch's few new captions at a time."""
+        prompts = list(dict.fromkeys(p for p in _check_prompts(prompts) if p not in self._cache))
+        for i in range(0, len(prompts), batch_size):
+            self(prompts[i:i + batch_size])
+
     def _token_count(self, prompt: str) -> int:
         if self.pad_to_max:
             return self.max_length

@@ -40,16 +40,20 @@ log = logging.getLogger(__name__)
 RESUME_OVERRIDES = ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every")
 
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "wsd")
+WSD_DECAY = 0.2  # "wsd" holds the peak rate for the first 80% of the budget, then decays (cosine) to 0
 
 
 def learning_rate(cfg, step: int, spent: float) -> float:
-    """The learning rate at `step`: linear warm-up, then constant or a cosine decay to 0 over the
-    budget. `spent` in [0, 1] is how much of the budget is spent (steps or wall-clock, whichever
-    is further): decaying with the budget itself is what lets a minutes-long run end on small steps."""
+    """The learning rate at `step`: linear warm-up, then constant, a cosine decay to 0 over the
+    budget, or warm-up-stable-decay (the cosine squeezed into the budget's last WSD_DECAY). `spent`
+    in [0, 1] is how much of the budget is spent (steps or wall-clock, whichever is further):
+    decaying with the budget itself is what lets a minutes-long run end on small steps."""
     lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     if cfg.lr_schedule == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, spent)))
+    elif cfg.lr_schedule == "wsd":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, spent - (1 - WSD_DECAY)) / WSD_DECAY)))
     return lr
 
 
@@ -82,6 +86,8 @@ def validate_loop_settings(cfg) -> None:
         fail("ema_decay", "must lie in [0, 1)")
     if cfg.lr <= 0:
         fail("lr", "must be > 0")
+    if cfg.adam_beta2 is not None and not 0 < cfg.adam_beta2 < 1:
+        fail("adam_beta2", "must lie in (0, 1)")
     if cfg.lr_schedule not in LR_SCHEDULES:
         fail("lr_schedule", f"unknown {cfg.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
 
@@ -130,7 +136,8 @@ def resumed_settings(cls, cfg, run_dir: Path, given=None):
     """The run's own settings, except the budget and output cadence the user gives now. `given`:
     the names of the settings the user gave (the CLI's flags); None: those not at their default."""
     # runs saved before --lr-schedule and --snr-floor existed trained at a constant rate, without a floor
-    saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, **read_config(run_dir)["train"]})
+    saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, "adam_beta2": 0.999,
+                                        **read_config(run_dir)["train"]})
     # a setting given now that the run did not train with is not applied: say so
     ignored = [f.name for f in fields(cls) if f.name not in (*RESUME_OVERRIDES, "out")
                and (f.name in given if given is not None else getattr(cfg, f.name) != f.default)
@@ -294,7 +301,8 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     net = job.net
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = adamw(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    optimizer = adamw(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+                      betas=(0.9, cfg.adam_beta2))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     start_step, start_seconds = 0, 0.0
     if resume:
@@ -365,6 +373,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         return torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
 
     job.autocast = autocast
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
     bar = tqdm(total=total, initial=start_step, disable=not (progress and ddp.main), desc=desc, unit="step",
                dynamic_ncols=True)
     step, window, t_window = start_step, [], time.monotonic()
@@ -437,9 +446,8 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), net.parameters()):
-                    e.lerp_(p, 1 - decay)
+            with torch.no_grad():  # one kernel launch per tensor list, not per tensor
+                torch._foreach_lerp_(ema_params, net_params, 1 - decay)
             metrics.update(job.after_step(step, batch, lr))
             step += 1
 

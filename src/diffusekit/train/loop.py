@@ -39,6 +39,12 @@ from .latent import AUTOENCODER_FILE, LatentData, check_fits, decode_latents, lo
 # a super-resolution stage takes its layout from its input, so only text-to-image models get it by
 # default (benchmarks/RESULTS.md, issue 6).
 TEXT_SNR_FLOOR = 0.1
+# AdamW's beta2 for text-to-image: with 0.999 two of four 20-minute shapes runs on two threads
+# spiked (loss x9 at ~1,150-1,450 steps) and never caught up; 0.99 sizes each update by the last
+# ~100 steps' gradients, so a sudden large one moves the weights ~3x less (benchmarks/RESULTS.md)
+TEXT_ADAM_BETA2 = 0.99
+# a frozen encoder's states for every caption are cached before the first step (~30 KB each)
+MAX_PRECOMPUTED_CAPTIONS = 100_000
 
 # U-Nets sized for a few minutes (digits) to twenty (mnist, shapes) on a laptop CPU
 DATA_PRESETS = {"digits": "digits", "mnist": "mnist", "shapes": "shapes", "shapes-heldout": "shapes"}
@@ -75,6 +81,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
+    adam_beta2: float | None = None  # AdamW's second-moment decay (default 0.999; TEXT_ADAM_BETA2 for text-to-image)
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # decays to 0 over the --steps/--minutes budget (or constant)
     grad_clip: float = 1.0
@@ -327,6 +334,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if cfg.snr_floor is None:  # resolved here, so config.json records the value used
         text_to_image = cfg.text_encoder and cfg.task == "generate" and cfg.weighting == "min_snr"
         cfg = replace(cfg, snr_floor=TEXT_SNR_FLOOR if text_to_image else 0.0)
+    if cfg.adam_beta2 is None:
+        cfg = replace(cfg, adam_beta2=TEXT_ADAM_BETA2 if cfg.text_encoder else 0.999)
     cfg.validate()
     ddp, device = init_distributed(cfg.device)
     check_devices(cfg, ddp, device)
@@ -342,6 +351,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         with torch.random.fork_rng():  # a learned encoder's initial weights follow --seed; other streams are untouched
             torch.manual_seed(cfg.seed)
             text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device)
+        if hasattr(text_encoder, "precompute") and len(images) <= MAX_PRECOMPUTED_CAPTIONS:
+            text_encoder.precompute(images.captions(range(len(images))))
     model_config = _model_config(cfg, data, text_encoder.dim if text_encoder is not None else None)
     net_cfg = UNetConfig.from_dict(model_config)
     check_crop_fits(cfg.crop, data.resolution, math.lcm(cfg.scale, net_cfg.downsampling_factor),
