@@ -120,6 +120,7 @@ def test_learned_text_encoder_with_gradient_accumulation_and_seeded_init(tmp_pat
     a, b, c = (load(r).text_encoder.embed.weight for r in runs)
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # the encoder's start follows --seed ...
     assert not torch.equal(a, c)  # ... and only --seed
+    assert load(runs[0]).config["train"]["adam_beta2"] == 0.99  # text-to-image's default, recorded
 
 
 def test_old_run_configs_without_new_fields_still_resume(tmp_path):
@@ -127,9 +128,10 @@ def test_old_run_configs_without_new_fields_still_resume(tmp_path):
     folder = run / (run / "latest").read_text().strip()
     config = json.loads((folder / "config.json").read_text())
     assert config["train"]["snr_floor"] == 0.0  # the default resolved for a model without text
+    assert config["train"]["adam_beta2"] == 0.999
     for field in ("patch_size", "pooled_context_dim"):  # fields added after the first checkpoints were written
         config["model"]["config"].pop(field)
-    del config["train"]["lr_schedule"], config["train"]["snr_floor"]
+    del config["train"]["lr_schedule"], config["train"]["snr_floor"], config["train"]["adam_beta2"]
     (folder / "config.json").write_text(json.dumps(config))
     train(TrainConfig(out=str(run), steps=3, **{**FAST, "lr_schedule": "cosine", "snr_floor": 0.5}), resume=True,
           progress=False)
@@ -137,3 +139,4 @@ def test_old_run_configs_without_new_fields_still_resume(tmp_path):
     # such a run trained at a constant rate and without a floor before the options existed, and goes on so
     resumed = json.loads((run / (run / "latest").read_text().strip() / "config.json").read_text())
     assert resumed["train"]["lr_schedule"] == "constant" and resumed["train"]["snr_floor"] == 0.0
+    assert resumed["train"]["adam_beta2"] == 0.999

@@ -80,10 +80,6 @@ def test_learning_rate_schedules():
     assert learning_rate(cfg, 10, 1.0) == pytest.approx(0.0, abs=1e-15)
     assert learning_rate(cfg, 10, 3.0) == pytest.approx(0.0, abs=1e-15)  # past the budget: stays at 0
     assert learning_rate(TrainConfig(lr=1.0, warmup_steps=1, lr_schedule="constant"), 10, 0.9) == 1.0
-    wsd = TrainConfig(lr=1.0, warmup_steps=1, lr_schedule="wsd")
-    assert learning_rate(wsd, 10, 0.0) == learning_rate(wsd, 10, 0.8) == 1.0
-    assert learning_rate(wsd, 10, 0.9) == pytest.approx(0.5)
-    assert learning_rate(wsd, 10, 1.0) == pytest.approx(0.0, abs=1e-15)
     with pytest.raises(ValueError, match="--lr-schedule"):
         TrainConfig(lr_schedule="linear").validate()
 

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: a cosine decay to 0 over "
-                   "the --steps/--minutes budget (default), constant, or wsd (constant, then the cosine in the last 20%%)")
+                   "the --steps/--minutes budget (default) or constant")
     p.add_argument("--adam-eps", type=float)
     p.add_argument("--adam-beta2", type=float, help="AdamW's second-moment decay "
                    "(default 0.999; 0.99 for text-to-image)")

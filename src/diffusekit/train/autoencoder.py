@@ -319,7 +319,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: a cosine decay to 0 over "
-                   "the --steps/--minutes budget (default), constant, or wsd (constant, then the cosine in the last 20%%)")
+                   "the --steps/--minutes budget (default) or constant")
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--ema-decay", type=float, help="EMA of the weights (default 0.995; 0 = none)")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (CUDA)")

@@ -40,20 +40,16 @@ log = logging.getLogger(__name__)
 RESUME_OVERRIDES = ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every")
 
 
-LR_SCHEDULES = ("constant", "cosine", "wsd")
-WSD_DECAY = 0.2  # "wsd" holds the peak rate for the first 80% of the budget, then decays (cosine) to 0
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(cfg, step: int, spent: float) -> float:
-    """The learning rate at `step`: linear warm-up, then constant, a cosine decay to 0 over the
-    budget, or warm-up-stable-decay (the cosine squeezed into the budget's last WSD_DECAY). `spent`
-    in [0, 1] is how much of the budget is spent (steps or wall-clock, whichever is further):
-    decaying with the budget itself is what lets a minutes-long run end on small steps."""
+    """The learning rate at `step`: linear warm-up, then constant or a cosine decay to 0 over the
+    budget. `spent` in [0, 1] is how much of the budget is spent (steps or wall-clock, whichever
+    is further): decaying with the budget itself is what lets a minutes-long run end on small steps."""
     lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     if cfg.lr_schedule == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, spent)))
-    elif cfg.lr_schedule == "wsd":
-        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, spent - (1 - WSD_DECAY)) / WSD_DECAY)))
     return lr
 
 
@@ -135,7 +131,8 @@ def config_from_dict(cls, d: dict):
 def resumed_settings(cls, cfg, run_dir: Path, given=None):
     """The run's own settings, except the budget and output cadence the user gives now. `given`:
     the names of the settings the user gave (the CLI's flags); None: those not at their default."""
-    # runs saved before --lr-schedule and --snr-floor existed trained at a constant rate, without a floor
+    # runs saved before --lr-schedule, --snr-floor and --adam-beta2 existed trained at a constant rate,
+    # without a floor, with AdamW's default beta2
     saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, "adam_beta2": 0.999,
                                         **read_config(run_dir)["train"]})
     # a setting given now that the run did not train with is not applied: say so
