@@ -351,7 +351,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         with torch.random.fork_rng():  # a learned encoder's initial weights follow --seed; other streams are untouched
             torch.manual_seed(cfg.seed)
             text_encoder = build_text_encoder(text_encoder_spec(cfg.text_encoder)).to(device)
-        if hasattr(text_encoder, "precompute") and len(images) <= MAX_PRECOMPUTED_CAPTIONS:
+        # up front only when the run will draw at least as many items as there are captions: a
+        # short --steps run encodes the few it draws faster one batch at a time
+        draws = cfg.steps * cfg.batch_size if cfg.steps is not None else math.inf
+        if hasattr(text_encoder, "precompute") and len(images) <= min(MAX_PRECOMPUTED_CAPTIONS, draws):
             text_encoder.precompute(images.captions(range(len(images))))
     model_config = _model_config(cfg, data, text_encoder.dim if text_encoder is not None else None)
     net_cfg = UNetConfig.from_dict(model_config)
