@@ -80,6 +80,8 @@ def test_learning_rate_schedules():
     assert learning_rate(cfg, 10, 1.0) == pytest.approx(0.0, abs=1e-15)
     assert learning_rate(cfg, 10, 3.0) == pytest.approx(0.0, abs=1e-15)  # past the budget: stays at 0
     assert learning_rate(TrainConfig(lr=1.0, warmup_steps=1, lr_schedule="constant"), 10, 0.9) == 1.0
+    with pytest.raises(ValueError, match="--adam-beta2"):
+        TrainConfig(adam_beta2=1.0).validate()
     with pytest.raises(ValueError, match="--lr-schedule"):
         TrainConfig(lr_schedule="linear").validate()
 

@@ -88,6 +88,14 @@ class _FrozenEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts) -> TextEmbedding:
         prompts = _check_prompts(prompts)
+        self._fill_cache(prompts)
+        device = next(self.model.parameters()).device
+        states, mask = _pad_stack([self._cache[p][0] for p in prompts])
+        pooled = torch.stack([self._cache[p][1] for p in prompts])
+        return TextEmbedding(states.to(device), mask.to(device), pooled.to(device))
+
+    @torch.no_grad()
+    def _fill_cache(self, prompts: list[str]) -> None:
         # batched only with prompts of the same token count: padding changes the last bits, and a
         # prompt's embedding must not depend on its neighbours (resume, DDP ranks, seeds)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
@@ -97,17 +105,13 @@ class _FrozenEncoder(nn.Module):
         for group in groups.values():
             for p, result in zip(group, self._encode(group)):
                 self._cache[p] = result
-        device = next(self.model.parameters()).device
-        states, mask = _pad_stack([self._cache[p][0] for p in prompts])
-        pooled = torch.stack([self._cache[p][1] for p in prompts])
-        return TextEmbedding(states.to(device), mask.to(device), pooled.to(device))
 
     def precompute(self, prompts, batch_size: int = 512) -> None:
         """Cache the embeddings of a fixed caption set up front: large batches encode ~2x faster
         per prompt than a training batch's few new captions at a time."""
-        prompts = list(dict.fromkeys(p for p in _check_prompts(prompts) if p not in self._cache))
+        prompts = _check_prompts(prompts)
         for i in range(0, len(prompts), batch_size):
-            self(prompts[i:i + batch_size])
+            self._fill_cache(prompts[i:i + batch_size])
 
     def _token_count(self, prompt: str) -> int:
         if self.pad_to_max:

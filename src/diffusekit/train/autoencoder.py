@@ -25,7 +25,7 @@ from ..data import load_dataset
 from ..images import psnr
 from ..nn.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from .checkpoint import FORMAT, VERSION
-from .core import (LR_SCHEDULES, Job, adamw, check_crop_fits, check_crop_settings, check_devices, config_from_dict, cropping,
+from .core import (ADAM_BETA2, LR_SCHEDULES, Job, adamw, check_crop_fits, check_crop_settings, check_devices, config_from_dict, cropping,
                    fit, global_batch_indices, init_distributed, random_crops, resumed_settings, step_generator,
                    validate_loop_settings)
 
@@ -55,7 +55,7 @@ class AutoencoderTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
-    adam_beta2: float = 0.999
+    adam_beta2: float = ADAM_BETA2
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # decays to 0 over the --steps/--minutes budget (or constant)
     grad_clip: float = 1.0

@@ -41,6 +41,7 @@ RESUME_OVERRIDES = ("steps", "minutes", "checkpoint_every", "sample_every", "sav
 
 
 LR_SCHEDULES = ("constant", "cosine")
+ADAM_BETA2 = 0.999  # AdamW's (and PyTorch's) default second-moment decay
 
 
 def learning_rate(cfg, step: int, spent: float) -> float:
@@ -133,7 +134,7 @@ def resumed_settings(cls, cfg, run_dir: Path, given=None):
     the names of the settings the user gave (the CLI's flags); None: those not at their default."""
     # runs saved before --lr-schedule, --snr-floor and --adam-beta2 existed trained at a constant rate,
     # without a floor, with AdamW's default beta2
-    saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, "adam_beta2": 0.999,
+    saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, "adam_beta2": ADAM_BETA2,
                                         **read_config(run_dir)["train"]})
     # a setting given now that the run did not train with is not applied: say so
     ignored = [f.name for f in fields(cls) if f.name not in (*RESUME_OVERRIDES, "out")

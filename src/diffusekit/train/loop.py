@@ -27,7 +27,7 @@ from ..pipelines.generate import generate
 from ..pipelines.superres import degrade, sr_conditioning, upscale
 from ..schedules import BETA_SCHEDULES, NoiseSchedule
 from .checkpoint import FORMAT, VERSION, read_config, resolve_checkpoint
-from .core import (Dist, Job, StopTraining, check_crop_fits, check_crop_settings, check_devices,  # noqa: F401
+from .core import (ADAM_BETA2, Dist, Job, StopTraining, check_crop_fits, check_crop_settings, check_devices,  # noqa: F401
                    config_from_dict, cropping, fit, global_batch_indices, init_distributed, random_crops, read_log,
                    resumed_settings, step_generator as _step_generator, validate_loop_settings)
 from .latent import AUTOENCODER_FILE, LatentData, check_fits, decode_latents, load_autoencoder
@@ -81,7 +81,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
-    adam_beta2: float | None = None  # AdamW's second-moment decay (default 0.999; TEXT_ADAM_BETA2 for text-to-image)
+    adam_beta2: float | None = None  # AdamW's second-moment decay (default ADAM_BETA2; TEXT_ADAM_BETA2 for text-to-image)
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # decays to 0 over the --steps/--minutes budget (or constant)
     grad_clip: float = 1.0
@@ -335,7 +335,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         text_to_image = cfg.text_encoder and cfg.task == "generate" and cfg.weighting == "min_snr"
         cfg = replace(cfg, snr_floor=TEXT_SNR_FLOOR if text_to_image else 0.0)
     if cfg.adam_beta2 is None:
-        cfg = replace(cfg, adam_beta2=TEXT_ADAM_BETA2 if cfg.text_encoder else 0.999)
+        cfg = replace(cfg, adam_beta2=TEXT_ADAM_BETA2 if cfg.text_encoder else ADAM_BETA2)
     cfg.validate()
     ddp, device = init_distributed(cfg.device)
     check_devices(cfg, ddp, device)
