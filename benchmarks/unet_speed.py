@@ -2,7 +2,7 @@
 architecture and the same weights, timed alternately in one process.
 
     python benchmarks/unet_speed.py [--config small|cifar|all] [--threads 2,1] [--repeats 7] [--bf16]
-                                    [--window 1.0] [--no-memory]
+                                    [--window 1.0] [--no-memory] [--device cuda [--batch 256]]
 
 For each configuration and thread count it prints images/s for a forward pass and for a training
 step (forward + MSE + backward + AdamW, each library with the optimizer it trains with:
@@ -17,6 +17,10 @@ in one process and are timed in interleaved windows (A B C D, then D C B A, ...)
 peak is re-measured in every round, and the printed numbers are medians over the rounds; the
 ratios are medians of the per-round ratios (each taken under the same load). Timing the libraries
 in separate processes one after the other swung 2x on this shared 2-core machine.
+
+With --device cuda the same comparison runs on a GPU: rates are taken between device
+synchronisations, the peak is a large float32 (and with --bf16, bf16) matrix product, peak memory
+is torch.cuda.max_memory_allocated per variant, and the thread count does not apply.
 """
 
 from __future__ import annotations
@@ -73,19 +77,21 @@ def build(name: str, which: str, module=None):
 class Variant:
     """One network with its inputs, optimizer and the two timed functions."""
 
-    def __init__(self, name: str, which: str, bf16: bool = False, module=None):
+    def __init__(self, name: str, which: str, bf16: bool = False, module=None, device: str = "cpu",
+                 batch: int = BATCH):
         self.model, call = build(name, which, module)
+        self.model.to(device)
         c = CONFIGS[name]
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(BATCH, c["channels"], c["size"], c["size"], generator=g)
-        t = torch.randint(0, 1000, (BATCH,), generator=g).float()
+        x = torch.randn(batch, c["channels"], c["size"], c["size"], generator=g).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=g).float().to(device)
         target = torch.randn_like(x)
         if which == "diffusers":
             opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         else:
             from diffusekit.train.core import adamw
             opt = adamw(self.model.parameters(), lr=1e-4)
-        amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+        amp = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         model = self.model
 
         def forward():
@@ -116,34 +122,48 @@ class Variant:
         self.params = sum(p.numel() for p in model.parameters())
 
 
-def machine_peak_once() -> float:
-    """Practical peak GFLOP/s now: the better of a 2048^2 sgemm and a 1x1 convolution (best of 2 each)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    conv_x, conv_w = torch.randn(16, 256, 32, 32), torch.randn(256, 256, 1, 1)
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def machine_peak_once(device: str = "cpu", dtype=torch.float32) -> float:
+    """Practical peak GFLOP/s now: the better of a large matrix product and a 1x1 convolution
+    (best of 2 each; 2048^2 on the CPU, 8192^2 on a GPU)."""
+    n, batch = (2048, 16) if device == "cpu" else (8192, 256)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    conv_x = torch.randn(batch, 256, 32, 32, device=device, dtype=dtype)
+    conv_w = torch.randn(256, 256, 1, 1, device=device, dtype=dtype)
 
     def best(fn, flops):
         times = []
-        for _ in range(2):
+        for _ in range(2 if device == "cpu" else 5):
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             times.append(time.perf_counter() - start)
         return flops / min(times) / 1e9
 
-    return max(best(lambda: a @ b, 2 * 2048**3),
-               best(lambda: torch.nn.functional.conv2d(conv_x, conv_w), 2 * 16 * 256 * 256 * 32 * 32))
+    return max(best(lambda: a @ b, 2 * n**3),
+               best(lambda: torch.nn.functional.conv2d(conv_x, conv_w), 2 * batch * 256 * 256 * 32 * 32))
 
 
 def window_rate(fn, seconds: float) -> float:
+    synchronize()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or n < 2:
         fn()
         n += 1
+        if n % 8 == 0:
+            synchronize()
+    synchronize()
     return n / (time.perf_counter() - start)
 
 
-def interleaved(variants: dict, what: str, repeats: int, seconds: float, peak: list | None = None) -> dict:
+def interleaved(variants: dict, what: str, repeats: int, seconds: float, peak=None) -> dict:
     """Rates (calls/s) of `getattr(variant, what)` for every variant, timed in alternating windows.
-    Returns {key: [rate per round]}; appends a peak measurement per round to `peak` if given."""
+    Returns {key: [rate per round]}; calls `peak()` once per round if given."""
     for v in variants.values():
         for _ in range(2):
             getattr(v, what)()
@@ -151,7 +171,7 @@ def interleaved(variants: dict, what: str, repeats: int, seconds: float, peak: l
     keys = list(variants)
     for r in range(repeats):
         if peak is not None:
-            peak.append(machine_peak_once())
+            peak()
         for k in (keys if r % 2 == 0 else keys[::-1]):
             rates[k].append(window_rate(getattr(variants[k], what), seconds))
     return rates
@@ -169,6 +189,50 @@ def max_rss_worker(name: str, which: str, threads: int, bf16: bool) -> dict:
     return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def run_cuda(args) -> None:
+    """The comparison on a GPU: float32 (TF32 off, PyTorch's default) and with --bf16 also bf16
+    autocast, each library against diffusers in the same precision and against diffusers' float32."""
+    device, batch = args.device, args.batch or 256
+    configs = list(CONFIGS) if args.config == "all" else [args.config]
+    precisions = ["fp32", "bf16"] if args.bf16 else ["fp32"]
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name(device)}, batch {batch}; medians of "
+          f"{args.repeats} rounds of {args.window:.1f} s windows, timed between device synchronisations")
+    for name in configs:
+        variants = {(lib, p): Variant(name, lib, p == "bf16", device=device, batch=batch)
+                    for p in precisions for lib in LIBRARIES}
+        peaks = {p: [] for p in precisions}
+
+        def measure_peaks():
+            for p in precisions:
+                peaks[p].append(machine_peak_once(device, torch.bfloat16 if p == "bf16" else torch.float32))
+
+        fwd = interleaved(variants, "forward", args.repeats, args.window)
+        train = interleaved(variants, "train_step", args.repeats, args.window, measure_peaks)
+        memory = {}
+        for key, v in variants.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            v.train_step()
+            synchronize()
+            memory[key] = torch.cuda.max_memory_allocated(device) / 2**20
+        print(f"\n== {name} on {device}: measured peak " +
+              ", ".join(f"{p} {statistics.median(peaks[p]) / 1e3:.0f} TFLOP/s" for p in precisions) + " ==")
+        print(f"{'library':10} {'prec':5} {'params':>9} {'fwd img/s':>10} {'train img/s':>12} {'train TFLOP/s':>14} "
+              f"{'% peak':>7} {'peak MiB':>9}")
+        for (lib, p), v in variants.items():
+            f, s = statistics.median(fwd[lib, p]), statistics.median(train[lib, p])
+            tf = s * v.train_flops / 1e12
+            print(f"{lib:10} {p:5} {v.params:>9,} {f * batch:>10.0f} {s * batch:>12.0f} {tf:>14.2f} "
+                  f"{100 * tf * 1e3 / statistics.median(peaks[p]):>6.1f}% {memory[lib, p]:>9.0f}")
+        for p in precisions:
+            print(f"{'ratio':10} {p:5} {'':>9} {paired_ratio(fwd['diffusekit', p], fwd['diffusers', p]):>9.2f}x "
+                  f"{paired_ratio(train['diffusekit', p], train['diffusers', p]):>11.2f}x {'':>14} {'':>7} "
+                  f"{memory['diffusekit', p] / memory['diffusers', p]:>8.2f}x")
+        if args.bf16:
+            print(f"{'ratio':10} {'bf16/':5} {'':>9} {paired_ratio(fwd['diffusekit', 'bf16'], fwd['diffusers', 'fp32']):>9.2f}x "
+                  f"{paired_ratio(train['diffusekit', 'bf16'], train['diffusers', 'fp32']):>11.2f}x   "
+                  "(diffusekit bf16 autocast against diffusers float32)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="all", choices=["all", *CONFIGS])
@@ -177,8 +241,13 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=1.0, help="seconds per timing window")
     parser.add_argument("--bf16", action="store_true", help="also time both libraries under bf16 autocast")
     parser.add_argument("--no-memory", action="store_true", help="skip the max-RSS subprocesses")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, help=f"images per step (default {BATCH} on the CPU, 256 on a GPU)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device != "cpu":
+        run_cuda(args)
+        return
     if args.worker:  # a few training steps in a fresh process, so max RSS is this variant's own
         name, which, threads, bf16 = args.worker
         print(json.dumps(max_rss_worker(name, which, int(threads), bf16 == "1")))
@@ -198,7 +267,8 @@ def main() -> None:
             variants = {(lib, p): Variant(name, lib, p == "bf16") for p in precisions for lib in LIBRARIES}
             peaks: list[float] = []
             fwd = interleaved(variants, "forward", args.repeats, args.window)
-            train = interleaved(variants, "train_step", args.repeats, args.window, peaks)
+            train = interleaved(variants, "train_step", args.repeats, args.window,
+                                lambda: peaks.append(machine_peak_once()))
             peak = statistics.median(peaks)
             rss = {}
             if not args.no_memory:

@@ -11,8 +11,9 @@ from diffusekit.cli import main
 from diffusekit.train import TrainConfig, load, train
 from diffusekit.train.loop import TEXT_SNR_FLOOR
 
+# device cpu: the trainer takes CUDA when there is one, and these tests check CPU facts (bit-exact resume)
 FAST = dict(batch_size=16, checkpoint_every=4, sample_every=1000, num_samples=4, sample_steps=2, log_every=2,
-            warmup_steps=2, lr=2e-3)
+            warmup_steps=2, lr=2e-3, device="cpu")
 
 
 @pytest.fixture(scope="module")

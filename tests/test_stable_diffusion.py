@@ -322,7 +322,9 @@ def test_seeds_img2img_and_blend_inpainting(sd1):
     kw = dict(num_inference_steps=4, progress=False, guidance_scale=3.0)
     three = ours(["a", "b", "c"], seed=7, **kw).latents
     two = ours(["a", "b"], seed=7, **kw).latents
-    torch.testing.assert_close(two, three[:2], atol=1e-6, rtol=0)
+    # not bit-equal: oneDNN picks kernels by batch size (1.7e-5 apart on an AVX-512 CPU); a wrong
+    # seed-to-image mapping would be O(1) apart
+    torch.testing.assert_close(two, three[:2], atol=1e-4, rtol=0)
     assert not torch.allclose(three[0], three[1], atol=1e-3)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     known = ours._encode(ours._image_tensor(image, None, "image"))

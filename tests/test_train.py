@@ -18,9 +18,10 @@ from diffusekit.data import load_dataset
 from diffusekit.train import TrainConfig, load, train
 from diffusekit.train.loop import global_batch_indices
 
-# a constant rate: the half-then-resume tests change the step budget, which a cosine decay follows
+# a constant rate: the half-then-resume tests change the step budget, which a cosine decay follows;
+# device cpu: the trainer takes CUDA when there is one, and these tests check CPU facts (bit-exact resume)
 FAST = dict(batch_size=16, checkpoint_every=4, sample_every=1000, num_samples=4, sample_steps=2, log_every=2,
-            warmup_steps=2, lr=2e-3, lr_schedule="constant")
+            warmup_steps=2, lr=2e-3, lr_schedule="constant", device="cpu")
 
 
 def _weights(run: Path) -> tuple[dict, dict]:
@@ -170,7 +171,7 @@ def test_ddp_with_two_processes_matches_one(tmp_path):
     steps. A larger Adam eps keeps that noise at noise level, so the comparison checks what DDP
     must get right: the averaged gradients."""
     common = ["--data", "digits", "--steps", "3", "--batch-size", "16", "--checkpoint-every", "3",
-              "--sample-every", "1000", "--seed", "5", "--lr", "2e-3", "--warmup-steps", "1", "--adam-eps", "1e-4"]
+              "--sample-every", "1000", "--seed", "5", "--lr", "2e-3", "--warmup-steps", "1", "--adam-eps", "1e-4", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
     two = tmp_path / "two"
