@@ -55,7 +55,7 @@ def sample(model, prompts: list[str], guidance: float, seed: int, steps: int) ->
 
 def chart(rows: list[dict], path: Path) -> None:
     """Adherence (all attributes, and shape+colour) against guidance, seen and held-out."""
-    w, h, left, right, top, bottom = 720, 400, 60, 700, 30, 350
+    w, h, left, right, top, bottom = 720, 420, 60, 700, 30, 350
     image = Image.new("RGB", (w, h), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     scales = sorted({r["guidance"] for r in rows})
@@ -73,7 +73,9 @@ def chart(rows: list[dict], path: Path) -> None:
     for k, (split, attr, colour) in enumerate(series):
         pts = [(x_of(r["guidance"]), y_of(r[attr])) for r in rows if r["split"] == split]
         draw.line(pts, fill=colour, width=3)
-        draw.text((left + 10, top + 8 + 14 * k), f"{split}: {attr}", fill=colour, font=font)
+        # the legend under the axis: high adherence curves ran through it at the top left
+        draw.line([left + 160 * k, bottom + 38, left + 160 * k + 20, bottom + 38], fill=colour, width=3)
+        draw.text((left + 160 * k + 26, bottom + 32), f"{split}: {attr}", fill=colour, font=font)
     save_image(image, path)
 
 

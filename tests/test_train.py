@@ -87,6 +87,30 @@ def test_learning_rate_schedules():
         TrainConfig(lr_schedule="linear").validate()
 
 
+def test_block_out_channels_set_the_widths_and_resume(tmp_path, capsys):
+    run = tmp_path / "w"
+    flags = ["--data", "digits", "--batch-size", "8", "--checkpoint-every", "2", "--sample-every", "1000",
+             "--device", "cpu", "--block-out-channels", "32,96"]
+    assert main(["train", "--out", str(run), "--steps", "2", *flags]) == 0
+    from diffusekit.train.checkpoint import read_config
+
+    saved = read_config(run)
+    assert saved["model"]["config"]["block_out_channels"] == [32, 96] and saved["train"]["block_out_channels"] == [32, 96]
+    assert load(run).network.config.block_out_channels == (32, 96)
+    capsys.readouterr()
+    # the same widths given again on --resume are the run's own: no "continues with its own" warning
+    assert main(["train", "--out", str(run), "--steps", "4", "--resume", *flags]) == 0
+    assert "its own --block-out-channels" not in capsys.readouterr().err
+    assert load(run).config["step"] == 4
+    assert main(["train", "--out", str(tmp_path / "x"), "--steps", "1", "--block-out-channels", "32"]) == 2
+    assert "as many levels as the preset has (2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--block-out-channels", "32,wide"])
+    assert "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--block-out-channels: must be positive"):
+        TrainConfig(block_out_channels=(32, 0)).validate()
+
+
 def test_a_new_run_refuses_to_clobber_an_old_one(tmp_path):
     run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
     with pytest.raises(ValueError, match="--resume .* --overwrite"):

@@ -48,6 +48,13 @@ def _forward(args) -> None:
     print(f"wrote {args.output}")
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,128, got {text!r}") from None
+
+
 def _train(args) -> None:
     from dataclasses import fields
 
@@ -139,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help=f"{', '.join(DATASETS)} or a folder of images (default digits)")
     p.add_argument("--out", help="run folder (default runs/<data>)")
     p.add_argument("--preset", choices=list(PRESETS), help="U-Net size (default: digits, mnist or shapes to fit the data; digits for folders)")
+    p.add_argument("--block-out-channels", type=_int_tuple, metavar="C1,C2,...",
+                   help="U-Net widths per level, e.g. 32,64,128 (default: the preset's)")
     p.add_argument("--resolution", type=int, help="image side (default: the data's own; 32 for folders)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="grey (1) or RGB (3) for image folders")
     p.add_argument("--steps", type=int, help="optimizer steps to train for")

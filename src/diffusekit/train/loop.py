@@ -55,6 +55,7 @@ class TrainConfig:
     data: str = "digits"
     out: str | None = None  # default: runs/<data name>
     preset: str | None = None  # default: the data's own (DATA_PRESETS), else "digits"
+    block_out_channels: tuple[int, ...] | None = None  # U-Net widths per level (default: the preset's)
     resolution: int | None = None  # default: the data's own
     channels: int | None = None  # image folders: 1 (grey) or 3 (RGB, default)
     schedule: str = "cosine"  # on 8x8-32x32 images it trains to better samples than linear (FD 5.5 vs 9.1 on digits)
@@ -99,6 +100,10 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # default: cuda if available
 
+    def __post_init__(self):
+        if self.block_out_channels is not None:  # config.json holds a list
+            self.block_out_channels = tuple(self.block_out_channels)
+
     def validate(self) -> None:
         def fail(name, why):
             raise ValueError(f"--{name.replace('_', '-')}: {why}")
@@ -115,6 +120,9 @@ class TrainConfig:
             fail("snr_floor", f"is a floor under min_snr's weight; --weighting {self.weighting} has none")
         if self.preset is not None and self.preset not in PRESETS:
             fail("preset", f"unknown {self.preset!r}; valid: {', '.join(PRESETS)}")
+        if self.block_out_channels is not None and (
+                not self.block_out_channels or not all(isinstance(c, int) and c > 0 for c in self.block_out_channels)):
+            fail("block_out_channels", f"must be positive integers, one per U-Net level, got {self.block_out_channels}")
         validate_loop_settings(self)
         if self.num_train_steps < 1:
             fail("num_train_steps", "must be >= 1")
@@ -155,6 +163,8 @@ def _unet_overrides_for_latents(name: str, side: int) -> dict:
 def _model_config(cfg: TrainConfig, data, text_dim: int | None) -> dict:
     name = cfg.preset or DATA_PRESETS.get(cfg.data, "digits")
     overrides = {"in_channels": data.channels, "image_size": data.resolution}
+    if cfg.block_out_channels is not None:
+        overrides["block_out_channels"] = cfg.block_out_channels
     if isinstance(data, LatentData):
         overrides.update(_unet_overrides_for_latents(name, data.resolution))
     if cfg.dropout is not None:
@@ -171,6 +181,10 @@ def _model_config(cfg: TrainConfig, data, text_dim: int | None) -> dict:
         if isinstance(data, LatentData):
             raise ValueError(f"the {data.resolution}x{data.resolution} latents do not fit U-Net preset {name!r} ({e}); "
                              "use a larger --resolution or another --preset") from None
+        if cfg.block_out_channels is not None:
+            raise ValueError(f"--block-out-channels {','.join(map(str, cfg.block_out_channels))} does not fit "
+                             f"U-Net preset {name!r} ({e}); give as many levels as the preset has "
+                             f"({len(preset(name).block_out_channels)}) or another --preset") from None
         raise
 
 
