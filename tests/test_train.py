@@ -344,6 +344,33 @@ def test_a_resumed_minutes_budget_stretches_the_cosine_decay(tmp_path, monkeypat
     assert 0.25 * 2e-3 < second[0]["lr"] < 0.75 * 2e-3 and second[-1]["lr"] < second[0]["lr"]
 
 
+def test_a_minutes_budget_counts_the_setup(tmp_path, monkeypatch):
+    """--minutes runs from the command's start: time spent loading data (encoding captions, latents)
+    before the first step comes out of the budget."""
+    import diffusekit.train.loop as loop
+
+    clock = [0.0]
+
+    def fake_monotonic():
+        clock[0] += 1.0
+        return clock[0]
+
+    def slow_load(*args, **kwargs):
+        clock[0] += 20.0  # a setup that takes 20 of the budget's 30 seconds
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(loop.time, "monotonic", fake_monotonic)
+    cfg = {**FAST, "checkpoint_every": 1000}
+    steps = {}
+    for name in ("fast", "slow"):
+        if name == "slow":
+            real_load = loop.load_dataset
+            monkeypatch.setattr(loop, "load_dataset", slow_load)
+        run = train(TrainConfig(out=str(tmp_path / name), minutes=0.5, **cfg), progress=False)
+        steps[name] = load(run).config["step"]
+    assert steps["fast"] >= 8 and 1 <= steps["slow"] <= steps["fast"] // 2
+
+
 def test_time_based_saving(tmp_path, monkeypatch):
     """--save-minutes checkpoints by the clock as well as by the step count."""
     import diffusekit.train.loop as loop

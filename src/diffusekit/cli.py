@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="image side (default: the data's own; 32 for folders)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="grey (1) or RGB (3) for image folders")
     p.add_argument("--steps", type=int, help="optimizer steps to train for")
-    p.add_argument("--minutes", type=float, help="wall-clock budget (default 4 when --steps is not given)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget from the command's start, setup included "
+                   "(default 4 when --steps is not given)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 64)")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, help="peak learning rate")

@@ -14,6 +14,7 @@ latents, whose inverse a latent diffusion run uses as its scale factor.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -241,6 +242,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, over
                       progress: bool = True, given=None) -> Path:
     """Train (or resume) an autoencoder run; returns the run folder (use it as `train --autoencoder`).
     `given`: as for `train`."""
+    started = time.monotonic()  # a --minutes budget includes the setup below
     run_dir = Path(cfg.out or f"runs/autoencoder-{Path(cfg.data).name}")
     if resume:
         cfg = resumed_settings(AutoencoderTrainConfig, cfg, run_dir, given)
@@ -273,7 +275,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, resume: bool = False, over
         disc = PatchDiscriminator(data.channels, cfg.disc_channels, cfg.disc_layers).to(device)
     job = AutoencoderJob(cfg, data, net, disc, config, device, ddp.world)
     return fit(cfg, job, run_dir, ddp, device, resume=resume, overwrite=overwrite, progress=progress,
-               desc="train-autoencoder")
+               desc="train-autoencoder", started=started)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +315,8 @@ def add_parser(sub) -> None:
     p.add_argument("--disc-layers", type=int, help="discriminator depth (default 2)")
     p.add_argument("--disc-channels", type=int, help="discriminator width (default 64)")
     p.add_argument("--steps", type=int, help="optimizer steps to train for")
-    p.add_argument("--minutes", type=float, help="wall-clock budget (default 4 when --steps is not given)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget from the command's start, setup included "
+                   "(default 4 when --steps is not given)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 32)")
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")

@@ -293,9 +293,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool)
 
 
 def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume: bool = False,
-        overwrite: bool = False, progress: bool = True, desc: str = "train") -> Path:
+        overwrite: bool = False, progress: bool = True, desc: str = "train", started: float | None = None) -> Path:
     """Train `job.net` under the loop settings of `cfg` (or resume it from run_dir); returns run_dir.
-    The job is built first: every setting is checked before --overwrite clears anything."""
+    The job is built first: every setting is checked before --overwrite clears anything.
+    `started`: the time.monotonic() at which the command began; a --minutes budget counts from it,
+    so building the job (loading data, encoding captions or latents) is spent from the budget too
+    and `--minutes 20` ends about 20 minutes after it was typed."""
     prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     net = job.net
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -328,7 +331,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         _rewrite_log(log_path, history)
 
     total = cfg.steps if cfg.steps is not None else (None if cfg.minutes else 2000)
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     deadline = started + cfg.minutes * 60 if cfg.minutes else None
 
     def budget_spent(step: int, now: float) -> float:

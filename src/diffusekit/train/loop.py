@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
-import time  # noqa: F401  (the core's clock; tests patch it as loop.time.monotonic)
+import time  # the core's clock too: tests patch it as loop.time.monotonic
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -342,6 +342,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
           given=None) -> Path:
     """Train (or resume) a run; returns the run folder. `given` (with `resume`): the names of the
     settings the user gave, to warn about those the run keeps (None: those not at their default)."""
+    started = time.monotonic()  # a --minutes budget includes the setup below
     run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name}")
     if resume:  # the run's own settings win, except the budget and output cadence the user gives now
         cfg = resumed_settings(TrainConfig, cfg, run_dir, given)
@@ -383,7 +384,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         net.add_module("text_encoder", text_encoder)
     schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_train_steps)
     job = DiffusionJob(cfg, data, images, net, schedule, text_encoder, ckpt_config, device)
-    return fit(cfg, job, run_dir, ddp, device, resume=resume, overwrite=overwrite, progress=progress)
+    return fit(cfg, job, run_dir, ddp, device, resume=resume, overwrite=overwrite, progress=progress, started=started)
 
 
 def preview_conditioning(cfg: TrainConfig, data, text_encoder, device) -> dict:
