@@ -33,6 +33,8 @@ def run(args, precision: str, seed: int) -> dict:
     train(cfg, overwrite=True, progress=False)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
+    if len(losses) < 5:
+        raise ValueError(f"--steps {args.steps} logs {len(losses)} losses; give at least 5 steps")
     fifths = [statistics.mean(losses[i * len(losses) // 5:(i + 1) * len(losses) // 5]) for i in range(5)]
     shutil.copyfile(out / "samples.png", Path(args.out) / f"samples-{precision}-seed{seed}.png")
     return {"fifths": fifths, "steps_per_s": statistics.median(r["steps_per_s"] for r in log[1:] or log)}

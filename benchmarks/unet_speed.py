@@ -19,8 +19,10 @@ ratios are medians of the per-round ratios (each taken under the same load). Tim
 in separate processes one after the other swung 2x on this shared 2-core machine.
 
 With --device cuda the same comparison runs on a GPU: rates are taken between device
-synchronisations, the peak is a large float32 (and with --bf16, bf16) matrix product, peak memory
-is torch.cuda.max_memory_allocated per variant, and the thread count does not apply.
+synchronisations, the peak is a large float32 (and with --bf16, bf16) matrix product, memory is
+what one training step allocates at its peak beyond what is already held (weights, optimizer
+state, inputs: torch.cuda.max_memory_allocated less memory_allocated before it), and the thread
+count does not apply.
 """
 
 from __future__ import annotations
@@ -122,9 +124,12 @@ class Variant:
         self.params = sum(p.numel() for p in model.parameters())
 
 
+DEVICE = "cpu"  # where the timed work runs (main() sets it): rates need a synchronisation on a GPU
+
+
 def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if DEVICE != "cpu":
+        torch.cuda.synchronize(DEVICE)
 
 
 def machine_peak_once(device: str = "cpu", dtype=torch.float32) -> float:
@@ -190,8 +195,9 @@ def max_rss_worker(name: str, which: str, threads: int, bf16: bool) -> dict:
 
 
 def run_cuda(args) -> None:
-    """The comparison on a GPU: float32 (TF32 off, PyTorch's default) and with --bf16 also bf16
-    autocast, each library against diffusers in the same precision and against diffusers' float32."""
+    """The comparison on a GPU: float32 as PyTorch runs it by default (cuDNN convolutions in TF32,
+    matmuls in full float32) and with --bf16 also bf16 autocast, each library against diffusers in
+    the same precision and diffusekit's bf16 against diffusers' float32."""
     device, batch = args.device, args.batch or 256
     configs = list(CONFIGS) if args.config == "all" else [args.config]
     precisions = ["fp32", "bf16"] if args.bf16 else ["fp32"]
@@ -208,16 +214,18 @@ def run_cuda(args) -> None:
 
         fwd = interleaved(variants, "forward", args.repeats, args.window)
         train = interleaved(variants, "train_step", args.repeats, args.window, measure_peaks)
-        memory = {}
+        memory = {}  # this variant's step: the peak over what the other variants already hold
         for key, v in variants.items():
+            synchronize()
+            held = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             v.train_step()
             synchronize()
-            memory[key] = torch.cuda.max_memory_allocated(device) / 2**20
+            memory[key] = (torch.cuda.max_memory_allocated(device) - held) / 2**20
         print(f"\n== {name} on {device}: measured peak " +
               ", ".join(f"{p} {statistics.median(peaks[p]) / 1e3:.0f} TFLOP/s" for p in precisions) + " ==")
         print(f"{'library':10} {'prec':5} {'params':>9} {'fwd img/s':>10} {'train img/s':>12} {'train TFLOP/s':>14} "
-              f"{'% peak':>7} {'peak MiB':>9}")
+              f"{'% peak':>7} {'step MiB':>9}")
         for (lib, p), v in variants.items():
             f, s = statistics.median(fwd[lib, p]), statistics.median(train[lib, p])
             tf = s * v.train_flops / 1e12
@@ -241,11 +249,16 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=1.0, help="seconds per timing window")
     parser.add_argument("--bf16", action="store_true", help="also time both libraries under bf16 autocast")
     parser.add_argument("--no-memory", action="store_true", help="skip the max-RSS subprocesses")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch", type=int, help=f"images per step (default {BATCH} on the CPU, 256 on a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch", type=int, help="images per step on a GPU (default 256; the CPU runs batch "
+                        f"{BATCH})")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device != "cpu":
+        if not args.device.startswith("cuda"):
+            raise ValueError(f"--device {args.device}: this benchmark runs on cpu or cuda[:N]")
+        global DEVICE
+        DEVICE = args.device
         run_cuda(args)
         return
     if args.worker:  # a few training steps in a fresh process, so max RSS is this variant's own

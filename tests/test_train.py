@@ -102,8 +102,20 @@ def test_block_out_channels_set_the_widths_and_resume(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--steps", "4", "--resume", *flags]) == 0
     assert "its own --block-out-channels" not in capsys.readouterr().err
     assert load(run).config["step"] == 4
+    # a run saved before the setting existed resumes with the widths its checkpoint was built with,
+    # even where the preset's own have changed since
+    folder = run / (run / "latest").read_text().strip()
+    config = json.loads((folder / "config.json").read_text())
+    del config["train"]["block_out_channels"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--out", str(run), "--steps", "6", "--resume"]) == 0
+    assert load(run).config["step"] == 6 and load(run).network.config.block_out_channels == (32, 96)
+    # a new run records the preset's widths it was built with
+    assert main(["train", "--out", str(tmp_path / "p"), "--steps", "1", *flags[:-2]]) == 0
+    assert read_config(tmp_path / "p")["train"]["block_out_channels"] == [32, 64]
+    capsys.readouterr()
     assert main(["train", "--out", str(tmp_path / "x"), "--steps", "1", "--block-out-channels", "32"]) == 2
-    assert "as many levels as the preset has (2)" in capsys.readouterr().err
+    assert "has 1 levels; U-Net preset 'digits' has 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--block-out-channels", "32,wide"])
     assert "comma-separated integers" in capsys.readouterr().err
@@ -368,7 +380,12 @@ def test_a_minutes_budget_counts_the_setup(tmp_path, monkeypatch):
             monkeypatch.setattr(loop, "load_dataset", slow_load)
         run = train(TrainConfig(out=str(tmp_path / name), minutes=0.5, **cfg), progress=False)
         steps[name] = load(run).config["step"]
-    assert steps["fast"] >= 8 and 1 <= steps["slow"] <= steps["fast"] // 2
+    assert steps["fast"] >= 4 and 1 <= steps["slow"] <= steps["fast"] // 2
+    # a setup that takes the whole budget trains nothing, and says so
+    monkeypatch.setattr(loop, "load_dataset", lambda *a, **k: (clock.__setitem__(0, clock[0] + 40.0), real_load(*a, **k))[1])
+    with pytest.raises(ValueError, match="nothing was trained; give more --minutes"):
+        train(TrainConfig(out=str(tmp_path / "none"), minutes=0.5, **cfg), progress=False)
+    assert not (tmp_path / "none").exists()
 
 
 def test_time_based_saving(tmp_path, monkeypatch):

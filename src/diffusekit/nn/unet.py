@@ -134,10 +134,11 @@ PRESETS: dict[str, dict] = {
     # (benchmarks/RESULTS.md, "Digits and MNIST: time conditioning through GroupNorm")
     "mnist": dict(in_channels=1, image_size=28, patch_size=2, block_out_channels=(32, 64), layers_per_block=2,
                   attention_resolutions=(7,), head_dim=32, time_scale_shift=True),
-    # ~2.1M parameters for 32x32 RGB shapes on a CPU: 2x2 patches make the pyramid 16-8-4 (a third
-    # of the FLOPs of a full-resolution first level); attention (cross-attention for text) at 8 and 4.
-    # 64 channels at the 4x4 level, not 128: 1.4x the steps per minute, and prompt binding in a
-    # 20-minute CPU run depends on steps (it sets in at ~3,500-4,000; RESULTS.md, issue 6).
+    # ~1.2M parameters (2.1M with cross-attention to MiniLM) for 32x32 RGB shapes on a CPU: 2x2
+    # patches make the pyramid 16-8-4 (a third of the FLOPs of a full-resolution first level);
+    # attention (cross-attention for text) at 8 and 4. 64 channels at the 4x4 level, not 128: ~1.2x
+    # the steps per minute (4.3 against 3.55 on two threads), and prompt binding in a 20-minute CPU
+    # run depends on steps (it sets in at ~3,500-4,000; RESULTS.md, issue 6).
     # Scale-shift conditioning for the same reason as mnist: the pooled prompt rides on the time
     # embedding, which GroupNorm erased at the 32-channel level (colour adherence 15% -> 34% after
     # ~240 equal steps)

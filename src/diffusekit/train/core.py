@@ -129,13 +129,14 @@ def config_from_dict(cls, d: dict):
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def resumed_settings(cls, cfg, run_dir: Path, given=None):
+def resumed_settings(cls, cfg, run_dir: Path, given=None, legacy: dict | None = None):
     """The run's own settings, except the budget and output cadence the user gives now. `given`:
-    the names of the settings the user gave (the CLI's flags); None: those not at their default."""
+    the names of the settings the user gave (the CLI's flags); None: those not at their default.
+    `legacy`: values for settings a run saved before they existed trained with."""
     # runs saved before --lr-schedule, --snr-floor and --adam-beta2 existed trained at a constant rate,
     # without a floor, with AdamW's default beta2
     saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, "adam_beta2": ADAM_BETA2,
-                                        **read_config(run_dir)["train"]})
+                                        **(legacy or {}), **read_config(run_dir)["train"]})
     # a setting given now that the run did not train with is not applied: say so
     ignored = [f.name for f in fields(cls) if f.name not in (*RESUME_OVERRIDES, "out")
                and (f.name in given if given is not None else getattr(cfg, f.name) != f.default)
@@ -299,6 +300,9 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     `started`: the time.monotonic() at which the command began; a --minutes budget counts from it,
     so building the job (loading data, encoding captions or latents) is spent from the budget too
     and `--minutes 20` ends about 20 minutes after it was typed."""
+    if cfg.minutes and started is not None and time.monotonic() - started >= cfg.minutes * 60:
+        raise ValueError(f"the setup (loading and encoding the data) took {(time.monotonic() - started) / 60:.1f} "
+                         f"minutes, all of --minutes {cfg.minutes:g}: nothing was trained; give more --minutes")
     prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     net = job.net
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -331,19 +335,20 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
         _rewrite_log(log_path, history)
 
     total = cfg.steps if cfg.steps is not None else (None if cfg.minutes else 2000)
-    started = time.monotonic() if started is None else started
-    deadline = started + cfg.minutes * 60 if cfg.minutes else None
+    loop_started = time.monotonic()
+    deadline = (loop_started if started is None else started) + cfg.minutes * 60 if cfg.minutes else None
 
     def budget_spent(step: int, now: float) -> float:
         """The spent fraction of the whole budget: steps done / --steps, or training time so far /
-        (the time before this session + --minutes), whichever is further. A resumed run continues
-        its decay, stretched over the budget it now has, instead of restarting it."""
+        (the time before this session + the time until the deadline), whichever is further. The
+        decay spans the training loop (not the setup before it); a resumed run continues its
+        decay, stretched over the budget it now has, instead of restarting it."""
         p = step / total if total else 0.0
         if deadline is not None:
-            p = max(p, (start_seconds + now - started) / (start_seconds + cfg.minutes * 60))
+            p = max(p, (start_seconds + now - loop_started) / max(start_seconds + deadline - loop_started, 1e-9))
         return min(1.0, p)
 
-    spent = budget_spent(start_step, started)
+    spent = budget_spent(start_step, loop_started)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     local = cfg.batch_size // ddp.world
     micro = local // cfg.grad_accum
@@ -353,7 +358,7 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
             train_state = {"step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                            "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict() if scaler else {},
                            "job": job.state_dict(),
-                           "train_seconds": start_seconds + time.monotonic() - started}
+                           "train_seconds": start_seconds + time.monotonic() - loop_started}
             save_checkpoint(run_dir, step, job.config, ema.state_dict(), train_state, extra=job.extra_weights())
             _save_loss_plot(run_dir, history)
         if ddp.world > 1:

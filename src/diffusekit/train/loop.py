@@ -150,23 +150,32 @@ class TrainConfig:
         return config_from_dict(cls, d)
 
 
-def _unet_overrides_for_latents(name: str, side: int) -> dict:
+def _preset_name(cfg: TrainConfig) -> str:
+    return cfg.preset or DATA_PRESETS.get(cfg.data, "digits")
+
+
+def _unet_overrides_for_latents(name: str, side: int, num_levels: int) -> dict:
     """A latent grid is already f times smaller than the image, so the data's preset runs on it
     without patches (a 2x2 patch on top would make a 64px image's 16x16 latents an 8x8 grid), with
     attention at the same levels of the pyramid as the preset has."""
     base = preset(name)
     levels = [i for i, r in enumerate(base.pyramid()) if r in base.attention_resolutions]
-    pyramid = [side // 2**i for i in range(len(base.block_out_channels))]
+    pyramid = [side // 2**i for i in range(num_levels)]
     return {"patch_size": 1, "attention_resolutions": tuple(pyramid[i] for i in levels if pyramid[i] >= 1)}
 
 
 def _model_config(cfg: TrainConfig, data, text_dim: int | None) -> dict:
-    name = cfg.preset or DATA_PRESETS.get(cfg.data, "digits")
+    name = _preset_name(cfg)
     overrides = {"in_channels": data.channels, "image_size": data.resolution}
+    preset_levels = len(preset(name).block_out_channels)
     if cfg.block_out_channels is not None:
+        if len(cfg.block_out_channels) != preset_levels:
+            raise ValueError(f"--block-out-channels {','.join(map(str, cfg.block_out_channels))} has "
+                             f"{len(cfg.block_out_channels)} levels; U-Net preset {name!r} has {preset_levels} "
+                             "(its attention resolutions are set per level): give that many, or another --preset")
         overrides["block_out_channels"] = cfg.block_out_channels
     if isinstance(data, LatentData):
-        overrides.update(_unet_overrides_for_latents(name, data.resolution))
+        overrides.update(_unet_overrides_for_latents(name, data.resolution, preset_levels))
     if cfg.dropout is not None:
         overrides["dropout"] = cfg.dropout
     if cfg.class_conditional:
@@ -181,10 +190,6 @@ def _model_config(cfg: TrainConfig, data, text_dim: int | None) -> dict:
         if isinstance(data, LatentData):
             raise ValueError(f"the {data.resolution}x{data.resolution} latents do not fit U-Net preset {name!r} ({e}); "
                              "use a larger --resolution or another --preset") from None
-        if cfg.block_out_channels is not None:
-            raise ValueError(f"--block-out-channels {','.join(map(str, cfg.block_out_channels))} does not fit "
-                             f"U-Net preset {name!r} ({e}); give as many levels as the preset has "
-                             f"({len(preset(name).block_out_channels)}) or another --preset") from None
         raise
 
 
@@ -345,7 +350,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     started = time.monotonic()  # a --minutes budget includes the setup below
     run_dir = Path(cfg.out or f"runs/{Path(cfg.data).name}")
     if resume:  # the run's own settings win, except the budget and output cadence the user gives now
-        cfg = resumed_settings(TrainConfig, cfg, run_dir, given)
+        # runs saved before --block-out-channels existed: the widths their network was built with
+        # (a preset's widths may change; the checkpoint's may not)
+        widths = tuple(read_config(run_dir)["model"]["config"]["block_out_channels"])
+        cfg = resumed_settings(TrainConfig, cfg, run_dir, given, legacy={"block_out_channels": widths})
+    elif cfg.block_out_channels is None:  # resolved here, so config.json records the widths used
+        cfg = replace(cfg, block_out_channels=preset(_preset_name(cfg)).block_out_channels)
     if cfg.snr_floor is None:  # resolved here, so config.json records the value used
         text_to_image = cfg.text_encoder and cfg.task == "generate" and cfg.weighting == "min_snr"
         cfg = replace(cfg, snr_floor=TEXT_SNR_FLOOR if text_to_image else 0.0)
