@@ -95,7 +95,8 @@ def test_block_out_channels_set_the_widths_and_resume(tmp_path, capsys):
     from diffusekit.train.checkpoint import read_config
 
     saved = read_config(run)
-    assert saved["model"]["config"]["block_out_channels"] == [32, 96] and saved["train"]["block_out_channels"] == [32, 96]
+    assert saved["model"]["config"]["block_out_channels"] == [32, 96]
+    assert saved["train"]["block_out_channels"] == [32, 96]
     assert load(run).network.config.block_out_channels == (32, 96)
     capsys.readouterr()
     # the same widths given again on --resume are the run's own: no "continues with its own" warning
@@ -382,7 +383,11 @@ def test_a_minutes_budget_counts_the_setup(tmp_path, monkeypatch):
         steps[name] = load(run).config["step"]
     assert steps["fast"] >= 4 and 1 <= steps["slow"] <= steps["fast"] // 2
     # a setup that takes the whole budget trains nothing, and says so
-    monkeypatch.setattr(loop, "load_dataset", lambda *a, **k: (clock.__setitem__(0, clock[0] + 40.0), real_load(*a, **k))[1])
+    def endless_load(*args, **kwargs):
+        clock[0] += 40.0
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_dataset", endless_load)
     with pytest.raises(ValueError, match="nothing was trained; give more --minutes"):
         train(TrainConfig(out=str(tmp_path / "none"), minutes=0.5, **cfg), progress=False)
     assert not (tmp_path / "none").exists()
@@ -454,10 +459,34 @@ def test_openmp_waits_passively_only_on_a_busy_machine(monkeypatch):
     import diffusekit
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 1.0, 1.0))
-    assert not diffusekit._machine_is_busy()  # idle: OpenMP's short spin, 1.5x faster here
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu(others_cores: float, own_cores: float):
+        """Fake /proc readings: other processes and this one keep that many cores busy."""
+        clock = {"t": 0.0}
+
+        def jiffies():
+            t = clock["t"]
+            clock["t"] += 0.1  # one reading per end of the window
+            return int((others_cores + own_cores) * t * ticks), int(own_cores * t * ticks)
+        return jiffies
+
+    monkeypatch.setattr(diffusekit, "_cpu_jiffies", cpu(0.0, 1.0))
+    assert not diffusekit._machine_is_busy()  # idle but for itself: OpenMP's short spin, 1.5x faster here
+    monkeypatch.setattr(diffusekit, "_cpu_jiffies", cpu(1.0, 0.0))
+    assert diffusekit._machine_is_busy()  # one busy process beside it: passive waiting, 1.75x faster here
+    # a recent busy minute in the load average does not count; without /proc it is all there is
     monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.1, 0.1))
+    monkeypatch.setattr(diffusekit, "_cpu_jiffies", cpu(0.0, 0.0))
+    assert not diffusekit._machine_is_busy()
+
+    def no_proc():
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(diffusekit, "_cpu_jiffies", no_proc)
     assert diffusekit._machine_is_busy()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 1.0, 1.0))
+    assert not diffusekit._machine_is_busy()
     # and it decides before torch loads, in a fresh interpreter, unless the user chose
     code = "import diffusekit, os; print(os.environ.get('OMP_WAIT_POLICY'))"
     env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
