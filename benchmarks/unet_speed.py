@@ -257,6 +257,8 @@ def main() -> None:
     if args.device != "cpu":
         if not args.device.startswith("cuda"):
             raise ValueError(f"--device {args.device}: this benchmark runs on cpu or cuda[:N]")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: PyTorch sees no CUDA device here; leave --device out for the CPU")
         global DEVICE
         DEVICE = args.device
         run_cuda(args)
