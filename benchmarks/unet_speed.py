@@ -2,7 +2,7 @@
 architecture and the same weights, timed alternately in one process.
 
     python benchmarks/unet_speed.py [--config small|cifar|all] [--threads 2,1] [--repeats 7] [--bf16]
-                                    [--window 1.0] [--no-memory] [--device cuda [--batch 256]]
+                                    [--window 1.0] [--no-memory] [--compile] [--device cuda [--batch 256]]
 
 For each configuration and thread count it prints images/s for a forward pass and for a training
 step (forward + MSE + backward + AdamW, each library with the optimizer it trains with:
@@ -49,6 +49,7 @@ CONFIGS = {
 }
 BATCH = 16
 LIBRARIES = ("diffusers", "diffusekit")
+COMPILED = "dk+compile"  # the --compile variant's row
 
 
 def build(name: str, which: str, module=None):
@@ -80,7 +81,7 @@ class Variant:
     """One network with its inputs, optimizer and the two timed functions."""
 
     def __init__(self, name: str, which: str, bf16: bool = False, module=None, device: str = "cpu",
-                 batch: int = BATCH):
+                 batch: int = BATCH, compile: bool = False):
         self.model, call = build(name, which, module)
         self.model.to(device)
         c = CONFIGS[name]
@@ -94,7 +95,23 @@ class Variant:
             from diffusekit.train.core import adamw
             opt = adamw(self.model.parameters(), lr=1e-4)
         amp = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        # FLOPs are counted on the eager module (the counter does not see inside compiled graphs)
         model = self.model
+
+        def count(fn):
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as fc:
+                fn()
+            return fc.get_total_flops()
+
+        with torch.no_grad(), amp():
+            self.fwd_flops = count(lambda: call(model, x, t))
+        with amp():
+            self.train_flops = count(lambda: torch.nn.functional.mse_loss(call(model, x, t).float(), target).backward())
+        self.model.zero_grad(set_to_none=True)
+        if compile:  # torch.compile (inductor); compiled here, by one call of each kind
+            model = torch.compile(self.model)
 
         def forward():
             with torch.no_grad(), amp():
@@ -112,15 +129,11 @@ class Variant:
             opt.zero_grad(set_to_none=True)
 
         self.forward, self.train_step = forward, train_step
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc:
+        if compile:
+            started = time.perf_counter()
             forward()
-        self.fwd_flops = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
-            loss_and_backward()
-        opt.zero_grad(set_to_none=True)
-        self.train_flops = fc.get_total_flops()
+            train_step()
+            self.compile_seconds = time.perf_counter() - started
         self.params = sum(p.numel() for p in model.parameters())
 
 
@@ -206,6 +219,9 @@ def run_cuda(args) -> None:
     for name in configs:
         variants = {(lib, p): Variant(name, lib, p == "bf16", device=device, batch=batch)
                     for p in precisions for lib in LIBRARIES}
+        if args.compile:
+            variants[COMPILED, "fp32"] = Variant(name, "diffusekit", device=device, batch=batch, compile=True)
+            print(f"{name}: torch.compile took {variants[COMPILED, 'fp32'].compile_seconds:.0f} s")
         peaks = {p: [] for p in precisions}
 
         def measure_peaks():
@@ -239,6 +255,11 @@ def run_cuda(args) -> None:
             print(f"{'ratio':10} {'bf16/':5} {'':>9} {paired_ratio(fwd['diffusekit', 'bf16'], fwd['diffusers', 'fp32']):>9.2f}x "
                   f"{paired_ratio(train['diffusekit', 'bf16'], train['diffusers', 'fp32']):>11.2f}x   "
                   "(diffusekit bf16 autocast against diffusers float32)")
+        if args.compile:
+            key = COMPILED, "fp32"
+            print(f"{'ratio':10} {'comp.':5} {'':>9} {paired_ratio(fwd[key], fwd['diffusers', 'fp32']):>9.2f}x "
+                  f"{paired_ratio(train[key], train['diffusers', 'fp32']):>11.2f}x   "
+                  "(diffusekit compiled against diffusers eager)")
 
 
 def main() -> None:
@@ -249,6 +270,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=1.0, help="seconds per timing window")
     parser.add_argument("--bf16", action="store_true", help="also time both libraries under bf16 autocast")
     parser.add_argument("--no-memory", action="store_true", help="skip the max-RSS subprocesses")
+    parser.add_argument("--compile", action="store_true", help="also time diffusekit under torch.compile "
+                        "(float32, CPU; what `diffusekit train --compile` runs)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, help="images per step on a GPU (default 256; the CPU runs batch "
                         f"{BATCH})")
@@ -280,6 +303,10 @@ def main() -> None:
         torch.set_num_threads(threads)
         for name in configs:
             variants = {(lib, p): Variant(name, lib, p == "bf16") for p in precisions for lib in LIBRARIES}
+            if args.compile:
+                variants[COMPILED, "fp32"] = Variant(name, "diffusekit", compile=True)
+                print(f"{name}: torch.compile took {variants[COMPILED, 'fp32'].compile_seconds:.0f} s "
+                      f"({threads} thread(s); inductor caches compiled kernels on disk)")
             peaks: list[float] = []
             fwd = interleaved(variants, "forward", args.repeats, args.window)
             train = interleaved(variants, "train_step", args.repeats, args.window,
@@ -288,6 +315,8 @@ def main() -> None:
             rss = {}
             if not args.no_memory:
                 for lib, p in variants:
+                    if lib == COMPILED:  # the workers build eager models
+                        continue
                     out = subprocess.run([sys.executable, __file__, "--worker", name, lib, str(threads),
                                           "1" if p == "bf16" else "0"], capture_output=True, text=True, check=True)
                     rss[lib, p] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
@@ -298,7 +327,7 @@ def main() -> None:
             for (lib, p), v in variants.items():
                 f, s = statistics.median(fwd[lib, p]), statistics.median(train[lib, p])
                 gf = s * v.train_flops / 1e9
-                mem = f"{rss[lib, p]:>11.0f}" if rss else f"{'-':>11}"
+                mem = f"{rss[lib, p]:>11.0f}" if (lib, p) in rss else f"{'-':>11}"
                 print(f"{lib:10} {p:5} {v.params:>9,} {f * BATCH:>10.1f} {s * BATCH:>12.1f} {gf:>14.1f} "
                       f"{100 * gf / peak:>6.1f}% {mem}")
             for p in precisions:
@@ -309,6 +338,11 @@ def main() -> None:
                 print(f"{'ratio':10} {'bf16/':5} {'':>9} {paired_ratio(fwd['diffusekit', 'bf16'], fwd['diffusers', 'fp32']):>9.2f}x "
                       f"{paired_ratio(train['diffusekit', 'bf16'], train['diffusers', 'fp32']):>11.2f}x   "
                       "(diffusekit bf16 autocast against diffusers float32)")
+            if args.compile:
+                key = COMPILED, "fp32"
+                print(f"{'ratio':10} {'comp.':5} {'':>9} {paired_ratio(fwd[key], fwd['diffusers', 'fp32']):>9.2f}x "
+                      f"{paired_ratio(train[key], train['diffusers', 'fp32']):>11.2f}x   "
+                      "(diffusekit compiled against diffusers eager)")
 
 
 if __name__ == "__main__":

@@ -428,6 +428,28 @@ def test_a_minutes_budget_logs_its_last_steps(tmp_path):
     assert records and records[-1]["step"] == last_checkpoint
 
 
+def test_compiled_training_matches_eager_and_resumes_either_way(tmp_path):
+    eager = train(TrainConfig(out=str(tmp_path / "eager"), steps=6, **FAST), progress=False)
+    compiled = train(TrainConfig(out=str(tmp_path / "compiled"), steps=6, compile=True, **FAST), progress=False)
+    losses = [[json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+              for run in (eager, compiled)]
+    assert np.allclose(losses[0], losses[1], rtol=1e-4, atol=1e-6), losses
+    # checkpoints hold the plain module's names and weights (no torch.compile wrapper prefix)
+    (model_e, ema_e), (model_c, ema_c) = _weights(eager), _weights(compiled)
+    assert model_e.keys() == model_c.keys() and ema_e.keys() == ema_c.keys()
+    # --compile is how a run is driven, not what it trains: a resume may switch it either way
+    resumed = train(TrainConfig(out=str(compiled), steps=8, **FAST), resume=True, progress=False)
+    assert not json.loads((resumed / (resumed / "latest").read_text().strip() / "config.json").read_text())["train"]["compile"]
+
+
+def test_compile_without_a_cpp_compiler_fails_before_touching_the_run(tmp_path, monkeypatch):
+    run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
+    monkeypatch.setattr("diffusekit.train.core.shutil.which", lambda name: None)
+    with pytest.raises(ValueError, match="--compile on the CPU needs a C\\+\\+ compiler"):
+        train(TrainConfig(out=str(run), steps=2, compile=True, **FAST), overwrite=True, progress=False)
+    assert (run / "latest").exists() and len((run / "log.jsonl").read_text().splitlines()) == 1
+
+
 def test_resume_says_which_given_settings_it_does_not_apply(tmp_path, caplog):
     run = train(TrainConfig(out=str(tmp_path / "r"), steps=2, **FAST), progress=False)
     with caplog.at_level("WARNING", logger="diffusekit.train.core"):

@@ -62,6 +62,7 @@ class AutoencoderTrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.995  # 0: the checkpoint holds the online weights
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the autoencoder for training
     flip: bool = False
     crop: int | None = None  # train on random crops of this side: the network is convolutional, so it
     # encodes full images afterwards, and each step costs (crop / resolution)^2 of a full-image step
@@ -326,6 +327,8 @@ def add_parser(sub) -> None:
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--ema-decay", type=float, help="EMA of the weights (default 0.995; 0 = none)")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (CUDA)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network for "
+                   "training: fewer, fused kernels after a one-time compilation (cached on disk)")
     p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--crop", type=int, metavar="SIDE", help="train on random SIDE x SIDE crops (a multiple of "
                    "the downsampling factor): cheaper steps, and the autoencoder still encodes whole images")

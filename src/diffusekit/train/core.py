@@ -37,7 +37,8 @@ from .checkpoint import load_state_strict, read_config, read_weights, resolve_ch
 log = logging.getLogger(__name__)
 
 # settings a resumed run takes from the command line; everything else comes from the run itself
-RESUME_OVERRIDES = ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every")
+# how a run is driven, not what it trains: a resume takes these from the command line
+RESUME_OVERRIDES = ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every", "compile")
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -303,6 +304,10 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     if cfg.minutes and started is not None and time.monotonic() - started >= cfg.minutes * 60:
         raise ValueError(f"the setup (loading and encoding the data) took {(time.monotonic() - started) / 60:.1f} "
                          f"minutes, all of --minutes {cfg.minutes:g}: nothing was trained; give more --minutes")
+    if cfg.compile and device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        raise ValueError("--compile on the CPU needs a C++ compiler (torch.compile builds its kernels with one): "
+                         "install g++, or train without --compile")
     prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     net = job.net
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -326,6 +331,11 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # dropout masks differ across ranks
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
+    if cfg.compile:
+        # the training forward and backward only; net (checkpoints, EMA) stays the plain module.
+        # Compiled once on the first step (about a minute on a CPU, cached on disk for the next
+        # runs), then each step is the same function with fewer, fused kernels.
+        model = torch.compile(model)
     job.attach(model, ema)
 
     log_path = run_dir / "log.jsonl"

@@ -89,6 +89,7 @@ class TrainConfig:
     ema_decay: float = 0.995  # a ~200-step horizon suits minutes-long CPU runs; raise it for long runs
     dropout: float | None = None  # default: the preset's
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA)
+    compile: bool = False  # torch.compile the U-Net for training (benchmarks/RESULTS.md, issue 4)
     flip: bool = False  # random horizontal flips (off for digits: a flipped 7 is not a digit)
     checkpoint_every: int = 1000  # steps between checkpoints (and loss plots) ...
     sample_every: int = 1000  # ... and sample grids
