@@ -271,3 +271,40 @@ def test_conv1x1_matrix_product_equals_the_convolution():
     want = torch.autograd.grad(ref, [x, conv.weight, conv.bias], g)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("cin,cout,height,width", [(8, 8, 1, 1), (6, 10, 3, 5), (64, 64, 8, 8), (16, 700, 2, 3)])
+def test_upsample_conv3x3_is_nearest_upsampling_then_the_convolution(cin, cout, height, width):
+    """The stride-2 transposed convolution with the summed 4x4 kernel (<= 640 channels on the CPU)
+    and the fallback (more channels) both equal upsample-then-convolve, gradients included."""
+    from diffusekit.nn.unet import upsample_conv3x3
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
+    x = torch.randn(2, cin, height, width, requires_grad=True)
+    out = upsample_conv3x3(conv, x)
+    ref = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert out.shape == (2, cout, 2 * height, 2 * width)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, conv.weight, conv.bias], g)
+    want = torch.autograd.grad(ref, [x, conv.weight, conv.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_upsampling_resblock_and_resampler_match_their_plain_definition():
+    """Resample(up) and ResBlock(resample="up") through the transposed-convolution path give what
+    upsample-then-convolve gives (the U-Net parity tests against diffusers cover Resample too)."""
+    from diffusekit.nn import unet
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(block_out_channels=(16, 32), norm_groups=8, head_dim=8, resample="resblock")
+    block, resampler = unet.ResBlock(16, 16, 64, cfg, resample="up"), unet.Resample(16, up=True)
+    x, temb = torch.randn(2, 16, 4, 4), torch.randn(2, 64)
+    up = lambda z: torch.nn.functional.interpolate(z, scale_factor=2.0, mode="nearest")  # noqa: E731
+    h = block.conv1(up(torch.nn.functional.silu(block.norm1(x))))
+    h = block.norm2(h + block.time_emb_proj(torch.nn.functional.silu(temb))[:, :, None, None])
+    expected = up(x) + block.conv2(torch.nn.functional.silu(h))
+    torch.testing.assert_close(block(x, temb), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(resampler(x), resampler.conv(up(x)), atol=1e-5, rtol=1e-5)
