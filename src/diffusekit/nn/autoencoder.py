@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import dataclass_from_dict
+from .unet import upsample_conv3x3
 
 
 @dataclass
@@ -201,14 +202,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts, unlike a transposed conv)."""
+    """Nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts, unlike a learnt transposed
+    conv), computed as the equivalent transposed conv where that is faster (`upsample_conv3x3`)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv3x3(self.conv, x)
 
 
 class MidBlock(nn.Module):
