@@ -247,11 +247,14 @@ def upsample_conv3x3(conv: nn.Conv2d, x: Tensor) -> Tensor:
     convolution with a 4x4 kernel summed from conv's 3x3 one. Each output pixel depends on 2x2
     input pixels, so this takes 16 multiply-adds per channel pair and input pixel instead of 36
     (2.25x fewer), and never builds the upsampled map. Same function (to float rounding); it is
-    differentiable in the kernel, so training is unchanged. On the CPU, forward + backward took
-    0.5-0.65x the time (64-256 channels, batch 4-16) and inference 0.5-0.8x (320-640 channels); at
-    960-1280 channels oneDNN's transposed convolution was slower (0.4-1.0x), so those, and GPUs
-    (not measured), keep the upsample and the 3x3 convolution (benchmarks/RESULTS.md, issue 4)."""
-    if x.device.type != "cpu" or max(conv.in_channels, conv.out_channels) > 640:
+    differentiable in the kernel, so training is unchanged. On the CPU (two threads) it took
+    0.4-0.6x the time forward + backward (64-256 channels) and 0.55-0.9x at inference (320-1280
+    channels, the Stable Diffusion U-Net's and VAE decoder's upsamplers) wherever the input has at
+    least half as many positions (batch x H x W) as channels; with fewer (1280 channels at 8x8-16x16,
+    batch 2) oneDNN's transposed convolution was slower (0.4-1.0x), so those, and GPUs (not
+    measured), keep the upsample and the 3x3 convolution (benchmarks/RESULTS.md, issue 4)."""
+    b, _, h, w = x.shape
+    if x.device.type != "cpu" or 2 * b * h * w < max(conv.in_channels, conv.out_channels):
         return conv3x3(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
     weight = _upsample_taps(_upsample_taps(conv.weight, 2), 3).transpose(0, 1)  # [Cin, Cout, 4, 4]
     return F.conv_transpose2d(x, weight, conv.bias, stride=2, padding=1)
