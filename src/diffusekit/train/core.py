@@ -36,8 +36,8 @@ from .checkpoint import load_state_strict, read_config, read_weights, resolve_ch
 
 log = logging.getLogger(__name__)
 
-# settings a resumed run takes from the command line; everything else comes from the run itself
-# how a run is driven, not what it trains: a resume takes these from the command line
+# settings a resumed run takes from the command line (how it is driven, not what it trains);
+# everything else comes from the run itself
 RESUME_OVERRIDES = ("steps", "minutes", "checkpoint_every", "sample_every", "save_minutes", "log_every", "compile")
 
 
