@@ -3,7 +3,10 @@ transposed convolution with a summed 4x4 kernel (`diffusekit.nn.unet.upsample_co
 path), timed alternately (medians of 5 rounds; 3 for the VAE sizes). Training shapes time forward +
 backward, the others inference.
 
-    OMP_NUM_THREADS=2 python benchmarks/issue4_unet/upsample_conv_micro.py 2 [train|unet|vae]
+    OMP_NUM_THREADS=2 python benchmarks/issue4_unet/upsample_conv_micro.py 2 [train|unet|vae] [--device cuda]
+
+On a GPU (`--device cuda`, timed between synchronisations) it says whether the transposed path
+would pay there too; `upsample_conv3x3` uses it only on the CPU until that is measured.
 """
 import statistics
 import sys
@@ -34,6 +37,14 @@ def transposed(x, w, b):
     return F.conv_transpose2d(x, _upsample_taps(_upsample_taps(w, 2), 3).transpose(0, 1), b, stride=2, padding=1)
 
 
+DEVICE = "cpu"
+
+
+def synchronize():
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+
+
 def timed(f, x, w, b, grad, reps):
     if grad:
         x, w, b = (t.requires_grad_() for t in (x, w, b))
@@ -45,20 +56,27 @@ def timed(f, x, w, b, grad, reps):
             with torch.no_grad():
                 f(x, w, b)
     run()
+    synchronize()
     start = time.perf_counter()
     for _ in range(reps):
         run()
+    synchronize()
     return (time.perf_counter() - start) / reps * 1e3
 
 
 def main():
-    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-    for name, batch, c, side, grad in CASES[sys.argv[2] if len(sys.argv) > 2 else "train"]:
+    global DEVICE
+    args = sys.argv[1:]
+    if "--device" in args:
+        DEVICE = args.pop(args.index("--device") + 1)
+        args.remove("--device")
+    torch.set_num_threads(int(args[0]) if args else 1)
+    for name, batch, c, side, grad in CASES[args[1] if len(args) > 1 else "train"]:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, c, side, side, generator=g)
-        w, b = torch.randn(c, c, 3, 3, generator=g) * 0.05, torch.randn(c, generator=g)
+        x = torch.randn(batch, c, side, side, generator=g).to(DEVICE)
+        w, b = (torch.randn(c, c, 3, 3, generator=g) * 0.05).to(DEVICE), torch.randn(c, generator=g).to(DEVICE)
         err = (as_written(x, w, b) - transposed(x, w, b)).abs().max().item()
-        reps, rounds = (1, 3) if side >= 64 else ((3, 5) if c >= 640 else (10, 5))
+        reps, rounds = (10, 5) if DEVICE != "cpu" else (1, 3) if side >= 64 else ((3, 5) if c >= 640 else (10, 5))
         times = {"as written": [], "transposed": []}
         for r in range(rounds):
             order = [("as written", as_written), ("transposed", transposed)]
