@@ -302,10 +302,10 @@ def test_upsampling_resblock_and_resampler_match_their_plain_definition():
     torch.manual_seed(0)
     cfg = UNetConfig(block_out_channels=(16, 32), norm_groups=8, head_dim=8, resample="resblock")
     block, resampler = unet.ResBlock(16, 16, 64, cfg, resample="up"), unet.Resample(16, up=True)
-    x, temb = torch.randn(2, 16, 4, 4), torch.randn(2, 64)
+    x, temb = torch.randn(2, 16, 4, 4), torch.nn.functional.silu(torch.randn(2, 64))  # blocks get SiLU(temb)
     up = lambda z: torch.nn.functional.interpolate(z, scale_factor=2.0, mode="nearest")  # noqa: E731
     h = block.conv1(up(torch.nn.functional.silu(block.norm1(x))))
-    h = block.norm2(h + block.time_emb_proj(torch.nn.functional.silu(temb))[:, :, None, None])
+    h = block.norm2(h + block.time_emb_proj(temb)[:, :, None, None])
     expected = up(x) + block.conv2(torch.nn.functional.silu(h))
     torch.testing.assert_close(block(x, temb), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(resampler(x), resampler.conv(up(x)), atol=1e-5, rtol=1e-5)

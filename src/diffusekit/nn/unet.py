@@ -296,10 +296,11 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        """`temb`: SiLU of the time embedding (the U-Net applies it once for all blocks)."""
         h = F.silu(self.norm1(x))
         h = upsample_conv3x3(self.conv1, h) if self.resample == "up" else conv3x3(self.conv1, self._resample(h))
         x = self._resample(x)
-        t = self.time_emb_proj(F.silu(temb))[:, :, None, None].to(h.dtype)
+        t = self.time_emb_proj(temb)[:, :, None, None].to(h.dtype)
         if self.scale_shift:
             scale, shift = t.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
@@ -595,7 +596,7 @@ class UNet(nn.Module):
             x = torch.cat([x, concat.to(x.dtype)], 1)
         elif concat is not None:
             raise ValueError("this U-Net takes no concat channels (concat_channels is 0)")
-        temb = temb.to(x.dtype)
+        temb = F.silu(temb).to(x.dtype)  # once here: every ResBlock projects SiLU(temb)
         if cfg.patch_size > 1:
             x = F.pixel_unshuffle(x, cfg.patch_size)
 
