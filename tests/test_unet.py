@@ -276,8 +276,8 @@ def test_conv1x1_matrix_product_equals_the_convolution():
 @pytest.mark.parametrize("cin,cout,height,width", [(2, 3, 1, 1), (8, 8, 1, 1), (6, 10, 3, 5), (64, 64, 8, 8), (16, 700, 4, 3), (16, 80, 2, 3)])
 def test_upsample_conv3x3_is_nearest_upsampling_then_the_convolution(cin, cout, height, width):
     """The stride-2 transposed convolution with the summed 4x4 kernel (on the CPU, with at least
-    half as many input positions as channels) and the fallback (16x80 at 2x2x3: too few positions)
-    both equal upsample-then-convolve, gradients included."""
+    half as many input positions as channels) and the fallback (the 1x1 input with 8 channels, and
+    700 or 80 output channels: too few positions) both equal upsample-then-convolve, gradients included."""
     from diffusekit.nn.unet import upsample_conv3x3
 
     torch.manual_seed(0)
