@@ -95,23 +95,7 @@ class Variant:
             from diffusekit.train.core import adamw
             opt = adamw(self.model.parameters(), lr=1e-4)
         amp = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-        # FLOPs are counted on the eager module (the counter does not see inside compiled graphs)
-        model = self.model
-
-        def count(fn):
-            from torch.utils.flop_counter import FlopCounterMode
-
-            with FlopCounterMode(display=False) as fc:
-                fn()
-            return fc.get_total_flops()
-
-        with torch.no_grad(), amp():
-            self.fwd_flops = count(lambda: call(model, x, t))
-        with amp():
-            self.train_flops = count(lambda: torch.nn.functional.mse_loss(call(model, x, t).float(), target).backward())
-        self.model.zero_grad(set_to_none=True)
-        if compile:  # torch.compile (inductor); compiled here, by one call of each kind
-            model = torch.compile(self.model)
+        model = self.model  # the functions below call whatever `model` is when they run
 
         def forward():
             with torch.no_grad(), amp():
@@ -129,12 +113,23 @@ class Variant:
             opt.zero_grad(set_to_none=True)
 
         self.forward, self.train_step = forward, train_step
-        if compile:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        # FLOPs on the eager module: the counter does not see inside compiled graphs
+        with FlopCounterMode(display=False) as fc:
+            forward()
+        self.fwd_flops = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            loss_and_backward()
+        opt.zero_grad(set_to_none=True)
+        self.train_flops = fc.get_total_flops()
+        if compile:  # torch.compile (inductor), compiled here by one call of each kind
+            model = torch.compile(self.model)
             started = time.perf_counter()
             forward()
             train_step()
             self.compile_seconds = time.perf_counter() - started
-        self.params = sum(p.numel() for p in model.parameters())
+        self.params = sum(p.numel() for p in self.model.parameters())
 
 
 DEVICE = "cpu"  # where the timed work runs (main() sets it): rates need a synchronisation on a GPU
@@ -199,6 +194,16 @@ def paired_ratio(a: list, b: list) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def print_cross_ratios(args, fwd: dict, train: dict) -> None:
+    """The ratio rows against diffusers' float32 eager step: diffusekit's bf16 (--bf16) and
+    compiled (--compile) variants."""
+    rows = ([(("diffusekit", "bf16"), "bf16/", "diffusekit bf16 autocast against diffusers float32")] if args.bf16 else []) \
+        + ([((COMPILED, "fp32"), "comp.", "diffusekit compiled against diffusers eager")] if args.compile else [])
+    for key, label, what in rows:
+        print(f"{'ratio':10} {label:5} {'':>9} {paired_ratio(fwd[key], fwd['diffusers', 'fp32']):>9.2f}x "
+              f"{paired_ratio(train[key], train['diffusers', 'fp32']):>11.2f}x   ({what})")
+
+
 def max_rss_worker(name: str, which: str, threads: int, bf16: bool) -> dict:
     torch.set_num_threads(threads)
     v = Variant(name, which, bf16)
@@ -251,15 +256,7 @@ def run_cuda(args) -> None:
             print(f"{'ratio':10} {p:5} {'':>9} {paired_ratio(fwd['diffusekit', p], fwd['diffusers', p]):>9.2f}x "
                   f"{paired_ratio(train['diffusekit', p], train['diffusers', p]):>11.2f}x {'':>14} {'':>7} "
                   f"{memory['diffusekit', p] / memory['diffusers', p]:>8.2f}x")
-        if args.bf16:
-            print(f"{'ratio':10} {'bf16/':5} {'':>9} {paired_ratio(fwd['diffusekit', 'bf16'], fwd['diffusers', 'fp32']):>9.2f}x "
-                  f"{paired_ratio(train['diffusekit', 'bf16'], train['diffusers', 'fp32']):>11.2f}x   "
-                  "(diffusekit bf16 autocast against diffusers float32)")
-        if args.compile:
-            key = COMPILED, "fp32"
-            print(f"{'ratio':10} {'comp.':5} {'':>9} {paired_ratio(fwd[key], fwd['diffusers', 'fp32']):>9.2f}x "
-                  f"{paired_ratio(train[key], train['diffusers', 'fp32']):>11.2f}x   "
-                  "(diffusekit compiled against diffusers eager)")
+        print_cross_ratios(args, fwd, train)
 
 
 def main() -> None:
@@ -334,15 +331,7 @@ def main() -> None:
                 mem = f"{rss['diffusekit', p] / rss['diffusers', p]:>10.2f}x" if rss else ""
                 print(f"{'ratio':10} {p:5} {'':>9} {paired_ratio(fwd['diffusekit', p], fwd['diffusers', p]):>9.2f}x "
                       f"{paired_ratio(train['diffusekit', p], train['diffusers', p]):>11.2f}x {'':>14} {'':>7} {mem}")
-            if args.bf16:
-                print(f"{'ratio':10} {'bf16/':5} {'':>9} {paired_ratio(fwd['diffusekit', 'bf16'], fwd['diffusers', 'fp32']):>9.2f}x "
-                      f"{paired_ratio(train['diffusekit', 'bf16'], train['diffusers', 'fp32']):>11.2f}x   "
-                      "(diffusekit bf16 autocast against diffusers float32)")
-            if args.compile:
-                key = COMPILED, "fp32"
-                print(f"{'ratio':10} {'comp.':5} {'':>9} {paired_ratio(fwd[key], fwd['diffusers', 'fp32']):>9.2f}x "
-                      f"{paired_ratio(train[key], train['diffusers', 'fp32']):>11.2f}x   "
-                      "(diffusekit compiled against diffusers eager)")
+            print_cross_ratios(args, fwd, train)
 
 
 if __name__ == "__main__":
