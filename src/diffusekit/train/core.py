@@ -130,14 +130,16 @@ def config_from_dict(cls, d: dict):
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def resumed_settings(cls, cfg, run_dir: Path, given=None, legacy: dict | None = None):
+def resumed_settings(cls, cfg, run_dir: Path, given=None, legacy=None):
     """The run's own settings, except the budget and output cadence the user gives now. `given`:
     the names of the settings the user gave (the CLI's flags); None: those not at their default.
-    `legacy`: values for settings a run saved before they existed trained with."""
+    `legacy(config)`: from the run's config.json, values for settings a run saved before they
+    existed trained with."""
+    config = read_config(run_dir)
     # runs saved before --lr-schedule, --snr-floor and --adam-beta2 existed trained at a constant rate,
     # without a floor, with AdamW's default beta2
     saved = config_from_dict(cls, {"lr_schedule": "constant", "snr_floor": 0.0, "adam_beta2": ADAM_BETA2,
-                                        **(legacy or {}), **read_config(run_dir)["train"]})
+                                   **(legacy(config) if legacy else {}), **config["train"]})
     # a setting given now that the run did not train with is not applied: say so
     ignored = [f.name for f in fields(cls) if f.name not in (*RESUME_OVERRIDES, "out")
                and (f.name in given if given is not None else getattr(cfg, f.name) != f.default)

@@ -333,7 +333,8 @@ def _latent_data(cfg: TrainConfig, images, device, resume: bool, run_dir: Path, 
     if resume:
         folder = resolve_checkpoint(run_dir)
         ae, _ = load_autoencoder(folder, device)
-        source = {k: read_config(folder)["autoencoder"].get(k) for k in ("source", "step")}
+        embedded = read_config(folder)["autoencoder"]
+        source = {k: embedded.get(k) for k in ("source", "step")}
         scale = ae.config.scaling_factor
     else:
         ae, source = load_autoencoder(cfg.autoencoder, device)
@@ -353,8 +354,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
     if resume:  # the run's own settings win, except the budget and output cadence the user gives now
         # runs saved before --block-out-channels existed: the widths their network was built with
         # (a preset's widths may change; the checkpoint's may not)
-        widths = tuple(read_config(run_dir)["model"]["config"]["block_out_channels"])
-        cfg = resumed_settings(TrainConfig, cfg, run_dir, given, legacy={"block_out_channels": widths})
+        cfg = resumed_settings(TrainConfig, cfg, run_dir, given, legacy=lambda config: {
+            "block_out_channels": tuple(config["model"]["config"]["block_out_channels"])})
     elif cfg.block_out_channels is None:  # resolved here, so config.json records the widths used
         cfg = replace(cfg, block_out_channels=preset(_preset_name(cfg)).block_out_channels)
     if cfg.snr_floor is None:  # resolved here, so config.json records the value used
