@@ -274,6 +274,10 @@ def main() -> None:
                         f"{BATCH})")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compile:
+        from diffusekit.train.core import check_compile_supported
+
+        check_compile_supported(args.device)
     if args.device != "cpu":
         if not args.device.startswith("cuda"):
             raise ValueError(f"--device {args.device}: this benchmark runs on cpu or cuda[:N]")

@@ -8,8 +8,8 @@ backward, the others inference.
 On a GPU (`--device cuda`, timed between synchronisations) it says whether the transposed path
 would pay there too; `upsample_conv3x3` uses it only on the CPU until that is measured.
 """
+import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -66,12 +66,16 @@ def timed(f, x, w, b, grad, reps):
 
 def main():
     global DEVICE
-    args = sys.argv[1:]
-    if "--device" in args:
-        DEVICE = args.pop(args.index("--device") + 1)
-        args.remove("--device")
-    torch.set_num_threads(int(args[0]) if args else 1)
-    for name, batch, c, side, grad in CASES[args[1] if len(args) > 1 else "train"]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("threads", type=int, nargs="?", default=1)
+    parser.add_argument("group", nargs="?", default="train", choices=list(CASES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    args = parser.parse_args()
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: PyTorch sees no CUDA device here")
+    DEVICE = args.device
+    torch.set_num_threads(args.threads)
+    for name, batch, c, side, grad in CASES[args.group]:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, c, side, side, generator=g).to(DEVICE)
         w, b = (torch.randn(c, c, 3, 3, generator=g) * 0.05).to(DEVICE), torch.randn(c, generator=g).to(DEVICE)

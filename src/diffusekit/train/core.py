@@ -272,6 +272,15 @@ class Job:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_compile_supported(device: torch.device | str) -> None:
+    """torch.compile builds CPU kernels with a C++ compiler: without one it would fail only at the
+    first step, with a long inductor traceback."""
+    if torch.device(device).type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        raise ValueError("--compile on the CPU needs a C++ compiler (torch.compile builds its kernels with one): "
+                         "install g++, or leave out --compile")
+
+
 def adamw(params, **options) -> torch.optim.AdamW:
     """AdamW, with PyTorch's fused kernel where every parameter's device has one (CPU, CUDA): one
     kernel per step instead of a loop over the tensors, 4-5x faster on the CPU for 1M-36M-parameter
@@ -306,10 +315,8 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     if cfg.minutes and started is not None and time.monotonic() - started >= cfg.minutes * 60:
         raise ValueError(f"the setup (loading and encoding the data) took {(time.monotonic() - started) / 60:.1f} "
                          f"minutes, all of --minutes {cfg.minutes:g}: nothing was trained; give more --minutes")
-    if cfg.compile and device.type == "cpu" and not any(
-            shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
-        raise ValueError("--compile on the CPU needs a C++ compiler (torch.compile builds its kernels with one): "
-                         "install g++, or train without --compile")
+    if cfg.compile:
+        check_compile_supported(device)
     prepare_run_dir(run_dir, resume, overwrite, ddp.main)
     net = job.net
     ema = copy.deepcopy(net).eval().requires_grad_(False)
