@@ -368,12 +368,37 @@ class SelfAttentionBlock(nn.Module):
         weight = weight.view(3, heads, d, c).transpose(0, 1).reshape(3 * c, c)
         bias = torch.stack([attn.to_q.bias * scale, attn.to_k.bias, attn.to_v.bias]).view(3, heads, d).transpose(0, 1)
         qkv = torch.baddbmm(bias.reshape(1, 3 * c, 1), weight.expand(b, -1, -1), x)  # [B, heads*3*d, N]
-        qkv = qkv.view(b * heads, 3, d, n)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B*heads, d, N]
-        p = torch.bmm(q.transpose(1, 2), k).softmax(-1)  # [B*heads, N, N]
-        out = torch.bmm(v, p.transpose(1, 2)).view(b, c, n)  # channel = head * d + i, as in `attention`
+        out = _ChannelMajorAttention.apply(qkv.view(b * heads, 3, d, n)).view(b, c, n)  # channel = head * d + i
         proj = attn.to_out[0]
         return torch.baddbmm(proj.bias[None, :, None], proj.weight.expand(b, -1, -1), out)
+
+
+class _ChannelMajorAttention(torch.autograd.Function):
+    """softmax(q^T k) applied to v, for q/k/v stacked as [B*heads, 3, d, N] (scale folded into q),
+    returning [B*heads, d, N]. Autograd's own backward of the two products hands the softmax a
+    transposed gradient (its backward then ran ~8x slower than on a contiguous one) and computes
+    grad q as [N, d] matrices (~1.6x slower than [d, N] at d = 8); this backward orients every
+    product so its output is a row-major [d, N] or [N, N] matrix, and returns the three gradients
+    as one stacked tensor instead of three zero-filled copies."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor) -> Tensor:
+        q, k, v = qkv.unbind(1)
+        p = torch.bmm(q.transpose(1, 2), k).softmax(-1)  # [B*heads, N queries, N keys]
+        ctx.save_for_backward(qkv, p)
+        return torch.bmm(v, p.transpose(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> Tensor:
+        qkv, p = ctx.saved_tensors
+        q, k, v = qkv.unbind(1)
+        grad_v = torch.bmm(grad_out, p)
+        grad_p = torch.bmm(grad_out.transpose(1, 2), v)
+        grad_scores = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
+        grad_q = torch.bmm(k, grad_scores.transpose(1, 2))
+        grad_k = torch.bmm(q, grad_scores)
+        return torch.stack([grad_q, grad_k, grad_v], 1)
 
 
 class GEGLU(nn.Module):
