@@ -44,6 +44,30 @@ def _machine_is_busy(window: float = 0.1) -> bool:
 if "OMP_WAIT_POLICY" not in os.environ and _machine_is_busy():
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
+
+def _keep_freed_memory(limit: int = 1 << 30) -> None:
+    """Have glibc keep freed blocks below `limit` bytes for reuse. By default it returns every
+    freed block over 128 KB-32 MB to the kernel, so each new activation tensor of a training step
+    is fresh memory that the kernel faults in and zeroes page by page: ~3,000 page faults per
+    digits-sized U-Net step, and the step 5-10% slower (measured: 109-117 against 104-105 ms on two
+    threads). The cost is that a process's resident memory stays at its peak, as with PyTorch's
+    CUDA caching allocator. glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ variables
+    win; other C libraries are left alone."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, TypeError, AttributeError):  # no C library handle (Windows) or no mallopt (macOS)
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, limit)
+    mallopt(m_trim_threshold, limit)
+
+
+_keep_freed_memory()
+
 from .denoiser import PREDICTIONS, Denoiser  # noqa: E402
 from .oracle import GaussianMixture
 from .sampling import SAMPLERS, initial_noise, sample, seeded_generators
