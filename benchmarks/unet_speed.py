@@ -9,8 +9,9 @@ step (forward + MSE + backward + AdamW, each library with the optimizer it train
 diffusekit's trainer uses PyTorch's fused AdamW kernel, diffusers' training examples the default
 `torch.optim.AdamW`, a loop over the tensors on the CPU), achieved GFLOP/s (FLOPs counted by
 torch.utils.flop_counter) as a fraction of this machine's measured peak (a 2048^2 sgemm and a 1x1
-convolution), peak memory (max RSS of a fresh subprocess per variant doing a few training steps)
-and the ratios diffusekit / diffusers.
+convolution), the tensor memory one training step allocates at its peak beyond what is held before
+it (weights, optimizer state, inputs; from the profiler's allocation events) and the ratios
+diffusekit / diffusers.
 
 Method: all variants (diffusers and diffusekit, float32 and with --bf16 also bf16 autocast) live
 in one process and are timed in interleaved windows (A B C D, then D C B A, ...), the machine's
@@ -28,10 +29,8 @@ count does not apply.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import os
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -204,12 +203,29 @@ def print_cross_ratios(args, fwd: dict, train: dict) -> None:
               f"{paired_ratio(train[key], train['diffusers', 'fp32']):>11.2f}x   ({what})")
 
 
-def max_rss_worker(name: str, which: str, threads: int, bf16: bool) -> dict:
-    torch.set_num_threads(threads)
-    v = Variant(name, which, bf16)
-    for _ in range(3):
-        v.train_step()
-    return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def step_peak_mb(variant: Variant) -> float:
+    """The tensor memory one training step allocates at its peak beyond what is held before it,
+    from the profiler's allocation events (the CPU's counterpart of CUDA's max_memory_allocated;
+    max RSS compared little: both processes load both libraries and import-time state dominates)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    variant.train_step()  # the optimizer state exists before the measured step
+    saved_stderr = os.dup(2)  # kineto logs every profiler start and stop on stderr
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                variant.train_step()
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    allocated = peak = 0
+    for event in events:
+        allocated += event.nbytes()
+        peak = max(peak, allocated)
+    return peak / 2**20
 
 
 def run_cuda(args) -> None:
@@ -266,13 +282,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="rounds of interleaved windows")
     parser.add_argument("--window", type=float, default=1.0, help="seconds per timing window")
     parser.add_argument("--bf16", action="store_true", help="also time both libraries under bf16 autocast")
-    parser.add_argument("--no-memory", action="store_true", help="skip the max-RSS subprocesses")
+    parser.add_argument("--no-memory", action="store_true", help="skip the step's peak-memory measurement")
     parser.add_argument("--compile", action="store_true", help="also time diffusekit under torch.compile "
                         "(float32, CPU; what `diffusekit train --compile` runs)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, help="images per step on a GPU (default 256; the CPU runs batch "
                         f"{BATCH})")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile:
         from diffusekit.train.core import check_compile_supported
@@ -286,10 +301,6 @@ def main() -> None:
         global DEVICE
         DEVICE = args.device
         run_cuda(args)
-        return
-    if args.worker:  # a few training steps in a fresh process, so max RSS is this variant's own
-        name, which, threads, bf16 = args.worker
-        print(json.dumps(max_rss_worker(name, which, int(threads), bf16 == "1")))
         return
     configs = list(CONFIGS) if args.config == "all" else [args.config]
     if args.bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -313,26 +324,19 @@ def main() -> None:
             train = interleaved(variants, "train_step", args.repeats, args.window,
                                 lambda: peaks.append(machine_peak_once()))
             peak = statistics.median(peaks)
-            rss = {}
-            if not args.no_memory:
-                for lib, p in variants:
-                    if lib == COMPILED:  # the workers build eager models
-                        continue
-                    out = subprocess.run([sys.executable, __file__, "--worker", name, lib, str(threads),
-                                          "1" if p == "bf16" else "0"], capture_output=True, text=True, check=True)
-                    rss[lib, p] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
+            memory = {} if args.no_memory else {key: step_peak_mb(v) for key, v in variants.items()}
             print(f"\n== {name}, {threads} thread(s): measured peak {peak:.1f} GFLOP/s "
                   f"(median of per-round bests {min(peaks):.1f}-{max(peaks):.1f}) ==")
             print(f"{'library':10} {'prec':5} {'params':>9} {'fwd img/s':>10} {'train img/s':>12} {'train GFLOP/s':>14} "
-                  f"{'% peak':>7} {'max RSS MB':>11}")
+                  f"{'% peak':>7} {'step peak MB':>13}")
             for (lib, p), v in variants.items():
                 f, s = statistics.median(fwd[lib, p]), statistics.median(train[lib, p])
                 gf = s * v.train_flops / 1e9
-                mem = f"{rss[lib, p]:>11.0f}" if (lib, p) in rss else f"{'-':>11}"
+                mem = f"{memory[lib, p]:>13.1f}" if memory else f"{'-':>13}"
                 print(f"{lib:10} {p:5} {v.params:>9,} {f * BATCH:>10.1f} {s * BATCH:>12.1f} {gf:>14.1f} "
                       f"{100 * gf / peak:>6.1f}% {mem}")
             for p in precisions:
-                mem = f"{rss['diffusekit', p] / rss['diffusers', p]:>10.2f}x" if rss else ""
+                mem = f"{memory['diffusekit', p] / memory['diffusers', p]:>12.2f}x" if memory else ""
                 print(f"{'ratio':10} {p:5} {'':>9} {paired_ratio(fwd['diffusekit', p], fwd['diffusers', p]):>9.2f}x "
                       f"{paired_ratio(train['diffusekit', p], train['diffusers', p]):>11.2f}x {'':>14} {'':>7} {mem}")
             print_cross_ratios(args, fwd, train)
