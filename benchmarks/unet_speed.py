@@ -123,7 +123,9 @@ class Variant:
         opt.zero_grad(set_to_none=True)
         self.train_flops = fc.get_total_flops()
         if compile:  # torch.compile (inductor), compiled here by one call of each kind
-            model = torch.compile(self.model)
+            from diffusekit.train.core import compile_for_training
+
+            model = compile_for_training(self.model, device)
             started = time.perf_counter()
             forward()
             train_step()

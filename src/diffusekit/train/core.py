@@ -281,6 +281,16 @@ def check_compile_supported(device: torch.device | str) -> None:
                          "install g++, or leave out --compile")
 
 
+def compile_for_training(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """torch.compile (inductor) for the training step. On the CPU with inductor's C++ wrapper: the
+    compiled forward and backward then launch their kernels from C++ instead of a generated
+    Python function, which is most of what compiling buys a small model whose step is hundreds
+    of short ops (digits-sized U-Net, two threads: compiled 1.07x eager with the C++ wrapper,
+    1.02x without it; compiling takes ~3 minutes instead of ~1.5, once, cached on disk)."""
+    options = {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
+    return torch.compile(model, options=options)
+
+
 def adamw(params, **options) -> torch.optim.AdamW:
     """AdamW, with PyTorch's fused kernel where every parameter's device has one (CPU, CUDA): one
     kernel per step instead of a loop over the tensors, 4-5x faster on the CPU for 1M-36M-parameter
@@ -342,9 +352,9 @@ def fit(cfg, job: Job, run_dir: Path, ddp: Dist, device: torch.device, *, resume
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
     if cfg.compile:
         # the training forward and backward only; net (checkpoints, EMA) stays the plain module.
-        # Compiled once on the first step (about a minute on a CPU, cached on disk for the next
+        # Compiled once on the first step (minutes on a CPU, cached on disk for the next
         # runs), then each step is the same function with fewer, fused kernels.
-        model = torch.compile(model)
+        model = compile_for_training(model, device)
     job.attach(model, ema)
 
     log_path = run_dir / "log.jsonl"
