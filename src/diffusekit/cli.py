@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "layout is decided (default 0.1 for text-to-image models, 0 otherwise)")
     p.add_argument("--precision", help="fp32, bf16 or fp16 (CUDA)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the U-Net for "
-                   "training: fewer, fused kernels after a one-time compilation (about a minute on a CPU, "
+                   "training: fewer, fused kernels after a one-time compilation (2-3 minutes on a CPU, "
                    "cached on disk)")
     p.add_argument("--flip", action="store_true", default=None, help="random horizontal flips")
     p.add_argument("--checkpoint-every", type=int)
