@@ -229,6 +229,25 @@ def test_augmentation_level_embedding():
         UNetConfig(in_channels=1, image_size=8, augmentation_embedding=True)
 
 
+def test_small_attention_path_holds_no_token_by_token_tensor_for_backward():
+    """The small-map attention keeps q/k/v and a per-row normaliser for its backward, not the
+    [B*heads, N, N] probabilities (those would make a training step's peak memory exceed that of
+    diffusers' flash attention); it saves nothing when no gradient is needed."""
+    from diffusekit.nn.unet import SelfAttentionBlock
+
+    block = SelfAttentionBlock(64, 8, UNetConfig(norm_groups=8))
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        block._small(block.group_norm(x).reshape(2, 64, 64)).sum().backward()
+    assert saved and not [s for s in saved if s[-2:] == (64, 64) and len(s) == 3 and s[0] == 2 * 8]
+    assert (16, 3, 8, 64) in saved and (16, 64, 1) in saved  # q/k/v and the normaliser
+    saved.clear()
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        block._small(block.group_norm(x).reshape(2, 64, 64))
+    assert saved == []
+
+
 def test_small_attention_path_matches_sdpa_with_gradients():
     """The matmul path SelfAttentionBlock takes for few tokens on the CPU computes the same
     function, and the same gradients, as the scaled_dot_product_attention path."""
