@@ -11,8 +11,8 @@ import torch
 from diffusekit import Denoiser, GaussianMixture, NoiseSchedule, sample
 from diffusekit.sampling import FittedCoefficients
 from diffusekit.sampling.fitted import Direction
-from diffusekit.schedule_opt import (EXTRAPOLATION_RATIO, TRAJECTORY_STRIDE, Calibration, SolverFit, fit_solver,
-                                    principal_directions, reference_endpoints)
+from diffusekit.schedule_opt import (EXTRAPOLATION_RATIO, TRAJECTORY_STRIDE, Calibration, SolverFit, _calibration_noise,
+                                    _mined_noise, fit_solver, principal_directions, reference_endpoints)
 
 MULTISTEP = [("ddim", {}), ("euler", {}), ("dpmpp_2m", {}), ("unipc", {"order": 2}), ("unipc", {"order": 3}),
              ("unipc", {"order": 3, "variant": "bh1"}), ("deis", {"order": 3}), ("ipndm", {}), ("lms", {"order": 4})]
@@ -226,6 +226,49 @@ def test_fit_beats_the_built_in_solvers_on_fresh_noise(held_out, linear):
     assert FittedCoefficients.from_dict(json.loads(json.dumps(coefficients.to_dict()))) == coefficients
 
 
+def test_mined_noise_keeps_the_hardest_draws_and_weights_them_to_an_unbiased_mean(held_out, linear):
+    """Mining: the kept half scores highest in its pool (the cheap solver's estimated error), the
+    rest is drawn from the remainder, and the weights make the mean over the mined draws an
+    unbiased estimate of the mean over all noise, which the plain mean is far from."""
+    denoiser = Denoiser(held_out.eps_network(linear), linear, "eps")
+    start = linear.get_sigmas(3, "trailing")
+    fine = torch.cat([torch.linspace(math.log(linear.sigma_max), math.log(linear.sigma_min), 6,
+                                     dtype=torch.float64).exp(), torch.zeros(1, dtype=torch.float64)])
+    problem = dict(sample_shape=(6,), sigma_min=linear.sigma_min, sigma_max=linear.sigma_max, variance_preserving=True,
+                   dtype=torch.float64, device="cpu")
+
+    def scores(x):
+        return ((sample(denoiser, x, start, "unipc", order=3) - sample(denoiser, x, fine, "unipc", order=3)) ** 2).mean(1)
+
+    everything = scores(_calibration_noise(999, 16384, (6,), linear.sigma_max, True, torch.float64, "cpu")).mean()
+    weighted, plain = [], []
+    for seed in range(10):
+        x, weights = _mined_noise(denoiser, 256, 4, start, seed=seed, cond=None, **problem)
+        assert x.shape == (256, 6) and weights.shape == (256,) and float(weights.mean()) == pytest.approx(1.0)
+        mined = scores(x)
+        hard = weights < 1
+        assert int(hard.sum()) == 128 and mined[hard].min() >= mined[~hard].max()
+        weighted.append(float((weights * mined).mean()))
+        plain.append(float(mined.mean()))
+    assert sum(weighted) / 10 == pytest.approx(float(everything), rel=0.15)
+    assert sum(plain) / 10 > 1.5 * float(everything)
+
+
+def test_fit_with_mining_stays_within_its_budget(held_out, linear):
+    network = CountingNetwork(held_out.eps_network(linear))
+    denoiser = Denoiser(network, linear, "eps")
+    settings = SolverFit(num_samples=256, batch_size=128, reference_steps=50, iterations=20, mining=4,
+                         dtype=torch.float64, start=Calibration(num_samples=64, reference_steps=50, max_runs=20,
+                                                                dtype=torch.float64))
+    info = {}
+    sigmas, coefficients = fit_solver(denoiser, 4, sigma_min=linear.sigma_min, sigma_max=linear.sigma_max,
+                                      sample_shape=(6,), variance_preserving=True, settings=settings, schedule=linear,
+                                      info=info)
+    assert network.calls == info["model_calls"] <= settings.max_model_calls(4)
+    assert info["validation_mse"] <= info["validation_mse_start"] and math.isfinite(info["validation_mse"])
+    assert sigmas.shape == (5,) and sigmas[-1] == 0
+
+
 def test_reference_trajectory_against_the_closed_form():
     """The states the fit's trajectory term compares against: for Gaussian data N(mu, s^2 I) the
     probability-flow ODE has x(sigma) = mu + (x(sigma_max) - mu) sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2);
@@ -255,7 +298,8 @@ def test_fit_bad_input(held_out, linear):
     for bad, message in ((dict(batch_size=0), "batch_size"), (dict(validation=1.0), "validation"),
                          (dict(learning_rate=0.0), "learning_rate"), (dict(num_samples=0), "num_samples"),
                          (dict(trajectory_weight=-1.0), "trajectory_weight"), (dict(directions=-1), "directions"),
-                         (dict(directions=2.5), "directions"), (dict(direction_rate=0.0), "direction_rate")):
+                         (dict(directions=2.5), "directions"), (dict(direction_rate=0.0), "direction_rate"),
+                         (dict(mining=-1), "mining")):
         with pytest.raises(ValueError, match=message):
             fit_solver(denoiser, 5, settings=SolverFit(**bad), **fit)
     small = SolverFit(num_samples=64, batch_size=16, reference_steps=20, iterations=2,

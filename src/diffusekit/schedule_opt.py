@@ -162,14 +162,26 @@ def reference_endpoints(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
     return d_a + (d_a - d_b) * (sigma_min**2 / (sigma_b**2 - sigma_min**2))
 
 
+def _per_draw_mse(out: Tensor, target: Tensor) -> Tensor:
+    return ((out - target).double() ** 2).reshape(len(out), -1).mean(1)
+
+
+def _weighted_mean(values: Tensor, draw_weights: Tensor | None) -> Tensor:
+    """The mean of per-draw values, each draw counted by its weight (None: all equal)."""
+    if draw_weights is None:
+        return values.mean()
+    return (values * draw_weights).sum() / draw_weights.sum()
+
+
 @torch.no_grad()
 def _endpoint_mse(denoiser, x: Tensor, target: Tensor, levels: Tensor, x_scale: Tensor, weights: Tensor,
-                  cond: dict | None, basis: Tensor | None = None) -> float:
-    """Mean squared endpoint error of the linear multistep solver on `levels` (without the final 0)."""
+                  cond: dict | None, basis: Tensor | None = None, draw_weights: Tensor | None = None) -> float:
+    """Mean squared endpoint error of the linear multistep solver on `levels` (without the final 0),
+    each draw counted by its weight in `draw_weights` (see `_mined_noise`)."""
     from .sampling.fitted import run_linear_multistep
 
     out = run_linear_multistep(denoiser, x, levels, x_scale, weights, basis=basis, cond=cond)
-    error = float(((out - target).double() ** 2).mean())
+    error = float(_weighted_mean(_per_draw_mse(out, target), draw_weights))
     return error if math.isfinite(error) else math.inf
 
 
@@ -221,6 +233,42 @@ def _calibration_noise(seed: int, num_samples: int, sample_shape, sigma_max: flo
     noise = torch.randn((num_samples, *tuple(sample_shape)), generator=g, dtype=torch.float64)
     scale = math.sqrt(1 + sigma_max**2) if variance_preserving else sigma_max
     return (noise * scale).to(dtype=dtype, device=device)
+
+
+def _mined_noise(denoiser, count: int, pool_factor: int, start_sigmas: Tensor, *, seed: int, sample_shape,
+                 sigma_min: float, sigma_max: float, variance_preserving: bool, dtype, device,
+                 cond: dict | None) -> tuple[Tensor, Tensor]:
+    """`count` calibration draws enriched in the rare ones that carry a low-NFE solver's error, and
+    per-draw weights (mean 1) under which every weighted mean stays an unbiased estimate of the
+    mean over all noise.
+
+    A pool of `pool_factor * count` draws is screened, in batches of `count`: each draw scores the
+    squared difference between UniPC-3 on `start_sigmas` and UniPC-3 on twice as many levels, even
+    in log sigma (an estimate of the cheap solver's own error: large for the draws it sends to
+    another mode). The `count // 2` highest scores are kept whole (weight 1 / pool each) and the other
+    half is a uniform sample of the rest of the pool (each standing for its share of that rest).
+    The draws come back shuffled, so a held-out tail holds both kinds."""
+    from .sampling import sample
+
+    pool_size = pool_factor * count
+    pool = _calibration_noise(seed, pool_size, sample_shape, sigma_max, variance_preserving, dtype, device)
+    steps = 2 * (len(start_sigmas) - 1)
+    fine = torch.cat([torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp(),
+                      torch.zeros(1, dtype=torch.float64)])
+    with torch.no_grad():
+        scores = torch.cat([_per_draw_mse(sample(denoiser, batch, start_sigmas, "unipc", order=3, cond=cond),
+                                          sample(denoiser, batch, fine, "unipc", order=3, cond=cond))
+                            for batch in pool.split(count)])
+    scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, math.inf))
+    hard = count // 2
+    order = scores.argsort(descending=True).cpu()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rest = order[hard:][torch.randperm(pool_size - hard, generator=g)[: count - hard]]
+    weights = torch.cat([torch.full((hard,), 1.0 / pool_size, dtype=torch.float64),
+                         torch.full((count - hard,), (pool_size - hard) / ((count - hard) * pool_size), dtype=torch.float64)])
+    shuffle = torch.randperm(count, generator=g)
+    picked = torch.cat([order[:hard], rest])[shuffle]
+    return pool[picked.to(pool.device)], (weights * count)[shuffle].to(device)
 
 
 def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sample_shape,
@@ -364,6 +412,10 @@ class SolverFit:
     the learning rate of their differences from the shared numbers, as a fraction of
     `learning_rate` (all parameters at the full rate made the fit unstable). start: the
     `optimised_sigmas` budget of the UniPC-3 schedule that is one of the fit's two starts.
+    mining: 0, or the size of a pool of noise draws, as a multiple of `num_samples`, that is
+    screened for the draws a low-NFE solver gets most wrong (`_mined_noise`); half the calibration
+    draws are then those, weighted so that every loss and held-out error stays an unbiased mean
+    over all noise. Costs `mining * 3 * nfe` batched evaluations more.
     """
 
     num_samples: int = 16384
@@ -376,6 +428,7 @@ class SolverFit:
     trajectory_weight: float = 1.0
     directions: int = 8
     direction_rate: float = 0.1
+    mining: int = 0
     start: Calibration = Calibration()
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
@@ -386,13 +439,14 @@ class SolverFit:
         validations = self.iterations // self.validate_every + 2
         shapes = len(SHAPES) * len(END_FRACTIONS)  # scored once each to pick the second start
         return (self.start.max_model_calls(nfe) + self.reference_steps
-                + (shapes + 2 * (self.iterations + validations)) * nfe)
+                + (shapes + 2 * (self.iterations + validations) + 3 * self.mining) * nfe)
 
     def check(self) -> None:
         Calibration(self.num_samples, self.reference_steps).check()
         self.start.check()
-        if not (isinstance(self.directions, int) and self.directions >= 0):
-            raise ValueError(f"directions must be a non-negative integer, got {self.directions!r}")
+        for name in ("directions", "mining"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("batch_size", "validate_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -418,7 +472,8 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
 
     Method:
     1. Data: `num_samples` calibration draws and their reference endpoints and trajectories (as in
-       `optimised_sigmas`); a `validation` fraction is held out. The top `directions` principal
+       `optimised_sigmas`; with `mining`, half of them the hardest of a larger screened pool, and
+       every mean weighted); a `validation` fraction is held out. The top `directions` principal
        directions of the fit draws' endpoints (the model's own samples) get numbers of their own.
     2. Starts: UniPC-3 (a point of the fitted family, `FittedCoefficients.from_sampler`) on its
        `optimised_sigmas` schedule, and on whichever of the 42 standard shapes of that search has
@@ -445,8 +500,15 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
                              seed=seed, calibration=replace(settings.start, dtype=settings.dtype, device=settings.device),
                              schedule=schedule, cond=cond, info=start_info) if nfe > 1 else \
         torch.tensor([sigma_max, 0.0], dtype=torch.float64)
-    x_all = _calibration_noise(seed + 1, settings.num_samples, sample_shape, sigma_max, variance_preserving,
-                               settings.dtype, settings.device)
+    if settings.mining:
+        x_all, draw_weights = _mined_noise(counted, settings.num_samples, settings.mining, start, seed=seed + 1,
+                                           sample_shape=sample_shape, sigma_min=sigma_min, sigma_max=sigma_max,
+                                           variance_preserving=variance_preserving, dtype=settings.dtype,
+                                           device=settings.device, cond=cond)
+    else:
+        x_all = _calibration_noise(seed + 1, settings.num_samples, sample_shape, sigma_max, variance_preserving,
+                                   settings.dtype, settings.device)
+        draw_weights = None
     trajectory: list | None = [] if settings.trajectory_weight > 0 else None
     with torch.no_grad():
         target_all = reference_endpoints(counted, x_all, sigma_min, sigma_max, settings.reference_steps, cond,
@@ -460,6 +522,7 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
             / (settings.reference_steps - 2)
     x_fit, target_fit = x_all[:-held_out], target_all[:-held_out]
     x_val, target_val = x_all[-held_out:], target_all[-held_out:]
+    w_fit, w_val = (None, None) if draw_weights is None else (draw_weights[:-held_out], draw_weights[-held_out:])
     basis = principal_directions(target_fit, settings.directions, seed) if settings.directions else None
     sets = 1 if basis is None else basis.shape[1] + 1  # the directions' numbers, then the shared ones
 
@@ -474,7 +537,8 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
         errors = {}
         for name, levels in shapes.items():
             levels, coefficients = FittedCoefficients.from_sampler(levels, "unipc", order=3)
-            errors[name] = _endpoint_mse(counted, x_fit, target_fit, levels[:-1], *coefficients.tensors(), cond)
+            errors[name] = _endpoint_mse(counted, x_fit, target_fit, levels[:-1], *coefficients.tensors(), cond,
+                                         draw_weights=w_fit)
         best_shape = min(errors, key=errors.get)
         starts[best_shape] = shapes[best_shape]
 
@@ -511,20 +575,21 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
             w = torch.cat([weights[..., None] + weight_deltas, weights[..., None]], 2) * mask
             return (sigmas, x_scale[:, 0], w[..., 0]) if basis is None else (sigmas, x_scale, w)
 
-        def loss(x: Tensor, target: Tensor, reference_states: Tensor | None) -> Tensor:
+        def loss(x: Tensor, target: Tensor, reference_states: Tensor | None, batch_weights: Tensor | None) -> Tensor:
             sigmas, x_scale, w = current()
             states: list[Tensor] = []
             out = run_linear_multistep(counted, x, sigmas, x_scale, w, basis=basis, cond=cond,
                                        states=states if reference_states is not None else None)
-            value = ((out - target).double() ** 2).mean()
+            value = _weighted_mean(_per_draw_mse(out, target), batch_weights)
             if reference_states is not None and len(states) > 1:  # states[:-1]: at sigmas[1:]
-                drift = sum(((state / (1 + sigma**2).sqrt() - on_trajectory(reference_states, sigma)).double() ** 2)
-                            .mean() for state, sigma in zip(states[:-1], sigmas[1:]))
+                drift = sum(_weighted_mean(_per_draw_mse(state / (1 + sigma**2).sqrt(),
+                                                         on_trajectory(reference_states, sigma)), batch_weights)
+                            for state, sigma in zip(states[:-1], sigmas[1:]))
                 value = value + settings.trajectory_weight * drift / (len(states) - 1)
             return value
 
         def validate(best):
-            value = _endpoint_mse(counted, x_val, target_val, *current(), cond, basis)  # held out: the endpoint alone
+            value = _endpoint_mse(counted, x_val, target_val, *current(), cond, basis, w_val)  # held out: the endpoint alone
             if math.isfinite(value) and (best is None or value < best[0]):
                 return value, [p.detach().clone() for p in params]
             return best
@@ -538,7 +603,8 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
         g = torch.Generator(device="cpu").manual_seed(seed)
         for step in range(1, settings.iterations + 1):
             pick = torch.randperm(len(x_fit), generator=g)[: settings.batch_size].to(x_fit.device)
-            value = loss(x_fit[pick], target_fit[pick], None if trajectory is None else trajectory[:, pick])
+            value = loss(x_fit[pick], target_fit[pick], None if trajectory is None else trajectory[:, pick],
+                         None if w_fit is None else w_fit[pick])
             if not torch.isfinite(value):
                 break
             for p, grad in zip(params, torch.autograd.grad(value, params)):
