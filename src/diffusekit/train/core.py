@@ -285,8 +285,9 @@ def compile_for_training(model: torch.nn.Module, device: torch.device | str) -> 
     """torch.compile (inductor) for the training step. On the CPU with inductor's C++ wrapper: the
     compiled forward and backward then launch their kernels from C++ instead of a generated
     Python function, which is most of what compiling buys a small model whose step is hundreds
-    of short ops (digits-sized U-Net, two threads: compiled 1.07x eager with the C++ wrapper,
-    1.02x without it; compiling takes ~3 minutes instead of ~1.5, once, cached on disk)."""
+    of short ops (digits-sized U-Net: compiled 1.07-1.10x eager with the C++ wrapper on one and
+    two threads, 1.02x without it; compiling takes 2.5-3 minutes instead of ~1.5, once, cached on
+    disk)."""
     options = {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
     return torch.compile(model, options=options)
 
