@@ -36,10 +36,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096, help="test draws used from the cache")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    _, mixture = load_mixture(args.mixture)
+    name, mixture = load_mixture(args.mixture)
     schedule = NoiseSchedule.from_name("linear")
     denoiser = Denoiser(mixture.eps_network(schedule), schedule, "eps")
-    cached = torch.load(args.cache, weights_only=True)
+    try:
+        cached = torch.load(args.cache, weights_only=True)
+        cached_mixture = cached["key"]["mixture"]
+    except OSError:
+        raise
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"cannot read the cache {args.cache} ({type(e).__name__}): write it with "
+                         "fitted_solver_check.py --cache") from None
+    if cached_mixture != name:
+        raise ValueError(f"the cache {args.cache} holds draws for {cached_mixture}, not {name}")
     x_T, exact = cached["x_T"][:args.samples], cached["reference"][:args.samples]
     sigma_max = schedule.sigma_max
     x_start = x_T.double() * math.sqrt(1 + sigma_max**2)  # the VP draw as a state at sigma_max

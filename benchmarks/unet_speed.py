@@ -221,8 +221,11 @@ def step_peak_mb(variant: Variant) -> float:
     finally:
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    try:  # the profiler's raw events are not a public API
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+    except AttributeError as e:
+        raise ValueError(f"this torch's profiler does not expose its allocation events ({e}): run with --no-memory") from None
     allocated = peak = 0
     for event in events:
         allocated += event.nbytes()
