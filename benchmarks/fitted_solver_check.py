@@ -10,8 +10,8 @@ minutes; --cache keeps them in a file). The peers are stood in for by diffusekit
 UniPC-2 and DEIS-3 (and iPNDM, ours) on diffusers' `trailing` and `linspace` spacings: the parity
 tests hold them to diffusers' schedulers on the same levels, and on the bench these were the best
 peers at NFE 10. Each --fit is a JSON object of `SolverFit` overrides (`--fit '{}'`: the
-defaults). Prints RMSE, the count of draws with a squared error above 0.1 (mode changes) and the
-RMSE of the others.
+defaults; `"start"` takes an object of `Calibration` fields). Prints RMSE, the count of draws
+with a squared error above 0.1 (mode changes) and the RMSE of the others.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from diffusekit import Denoiser, NoiseSchedule, sample
 from diffusekit._utils import atomic_path, run_script
 from diffusekit.bench.samplers import build_case, load_mixture
-from diffusekit.schedule_opt import SolverFit, fit_solver
+from diffusekit.schedule_opt import Calibration, SolverFit, fit_solver
 
 PEER_STANDINS = (("unipc", {"order": 3}), ("unipc", {"order": 2}), ("deis", {"order": 3}), ("ipndm", {}))
 
@@ -82,9 +82,13 @@ def main() -> None:
     labels = args.label + [f"fit {i}" for i in range(len(args.label), len(args.fit))]
     for label, overrides in zip(labels, args.fit):
         try:
-            settings = replace(SolverFit(dtype=torch.float64), **json.loads(overrides))
+            fields = json.loads(overrides)
+            if isinstance(fields.get("start"), dict):  # the start schedule's Calibration, as a JSON object
+                fields["start"] = Calibration(**fields["start"])
+            settings = replace(SolverFit(dtype=torch.float64), **fields)
         except TypeError as e:  # an unknown field
-            raise ValueError(f"--fit {overrides}: {e}; the fields are those of diffusekit.schedule_opt.SolverFit") from None
+            raise ValueError(f"--fit {overrides}: {e}; the fields are those of diffusekit.schedule_opt.SolverFit "
+                             "(and of Calibration for 'start')") from None
         start, info = time.perf_counter(), {}
         sigmas, coefficients = fit_solver(denoiser, args.nfe, sigma_min=schedule.sigma_min,
                                           sigma_max=schedule.sigma_max, sample_shape=(mixture.dim,),

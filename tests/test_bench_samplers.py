@@ -114,6 +114,7 @@ def test_cli_with_a_user_mixture(tmp_path, capsys):
     (["--samplers", "unipc:order"], "bad option 'order'"),
     (["--samplers", "euler", "--opt-samplers", "lms"], "--opt-samplers 'lms' is not among the samplers run (euler)"),
     (["--fit-nfe", "7"], "--fit-nfe [7] is not among the NFE values run ([5])"),
+    (["--calibration-mining", "-1"], "mining must be a non-negative integer, got -1"),
 ])
 def test_cli_bad_input(args, message, tmp_path, capsys):
     assert main(["bench", "samplers", "--nfe", "5", "--samples", "8", "-o", str(tmp_path), *args]) == 2

@@ -3,6 +3,7 @@ its stated budget, reproducible from a seed, and better than Karras with the sam
 mixture it was never tuned on."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def linear():
     return NoiseSchedule.from_name("linear")
 
 
-def test_valid_in_range_and_within_budget(held_out, linear):
+@pytest.mark.parametrize("calibration", [SMALL, replace(SMALL, mining=3)], ids=["plain", "mined"])
+def test_valid_in_range_and_within_budget(calibration, held_out, linear):
     network = CountingNetwork(held_out.eps_network(linear))
     denoiser = Denoiser(network, linear, "eps")
     asked = []
@@ -46,7 +48,7 @@ def test_valid_in_range_and_within_budget(held_out, linear):
 
     info = {}
     sigmas = linear.get_sigmas(6, "optimised", denoiser=recording, sample_shape=(5,), solver="unipc",
-                               solver_options={"order": 3}, calibration=SMALL, info=info)
+                               solver_options={"order": 3}, calibration=calibration, info=info)
     assert sigmas.shape == (7,) and sigmas.dtype == torch.float64
     assert sigmas[-1] == 0 and (sigmas[:-1] > sigmas[1:]).all()
     assert sigmas[0] == linear.sigma_max and sigmas[-2] >= linear.sigma_min
@@ -56,7 +58,10 @@ def test_valid_in_range_and_within_budget(held_out, linear):
     # the model was only asked about noise levels inside its table
     asked = torch.cat(asked)
     assert asked.min() >= linear.sigma_min * (1 - 1e-12) and asked.max() <= linear.sigma_max * (1 + 1e-12)
-    assert network.calls <= SMALL.max_model_calls(nfe) == SMALL.reference_steps + SMALL.max_runs * nfe
+    assert network.calls <= calibration.max_model_calls(nfe) \
+        == calibration.reference_steps + (calibration.max_runs + 3 * calibration.mining) * nfe
+    if calibration.mining:  # the screen ran: more calls than a plain calibration could make
+        assert network.calls > SMALL.max_model_calls(nfe)
     assert info["loss_final"] <= info["loss_initial"]
 
 
@@ -134,3 +139,9 @@ def test_bad_input(held_out, linear):
         linear.get_sigmas(5, "optimised", denoiser=denoiser, sample_shape=(5,), solver="nope")
     with pytest.raises(ValueError, match="num_samples"):
         linear.get_sigmas(5, "optimised", denoiser=denoiser, sample_shape=(5,), calibration=Calibration(num_samples=0))
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="mining must be a non-negative integer"):
+            linear.get_sigmas(5, "optimised", denoiser=denoiser, sample_shape=(5,), calibration=replace(SMALL, mining=bad))
+    with pytest.raises(ValueError, match="mining needs num_samples >= 2"):
+        linear.get_sigmas(5, "optimised", denoiser=denoiser, sample_shape=(5,),
+                          calibration=replace(SMALL, num_samples=1, mining=2))

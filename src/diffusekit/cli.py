@@ -112,7 +112,7 @@ def _bench(args) -> None:
     from .schedule_opt import Calibration
 
     calibration = Calibration(num_samples=args.calibration_samples, reference_steps=args.reference_steps,
-                              dtype=torch.float64)
+                              mining=args.calibration_mining, dtype=torch.float64)
     peers = False if args.peers is None else (args.peers or True)  # --peers alone: every peer
     bench_samplers.run(mixtures=args.mixture or bench_samplers.DEFAULT_MIXTURES, schedule=args.schedule,
                        nfes=args.nfe, samples=args.samples, samplers=args.samplers, spacings=args.spacings,
@@ -254,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sigma spacings, e.g. karras:rho=5; 'optimised' is computed from the model")
     b.add_argument("--opt-samplers", nargs="*", default=list(bench_samplers.DEFAULT_OPT_SAMPLERS),
                    metavar="NAME[:k=v,...]", help="samplers that get the optimised schedule (among --samplers)")
-    b.add_argument("--calibration-samples", type=int, default=256, help="optimised schedule: calibration noise draws")
+    b.add_argument("--calibration-samples", type=int, default=bench_samplers.CALIBRATION.num_samples,
+                   help="optimised schedule: calibration noise draws (default %(default)s)")
+    b.add_argument("--calibration-mining", type=int, default=bench_samplers.CALIBRATION.mining, metavar="K",
+                   help="optimised schedule: half the calibration draws are the hardest of K times as many "
+                        "(0: plain draws; default %(default)s)")
     b.add_argument("--reference-steps", type=int, default=200, help="optimised schedule: reference solver steps")
     b.add_argument("--fit-nfe", type=int, nargs="*", metavar="NFE",
                    help="budgets (among --nfe) at which the fitted solver (levels and coefficients fitted to the "

@@ -62,12 +62,19 @@ class Calibration:
     num_samples: calibration noise draws, evaluated as one batch per model evaluation.
     reference_steps: model evaluations of the reference solve.
     max_runs: solver runs (base candidates plus search); None: min(200, max(60, 3000 // nfe)).
+    mining: 0, or the size of a pool of noise draws, as a multiple of `num_samples`, screened for
+    the draws a low-NFE solver gets most wrong (`_mined_noise`): half the calibration draws are
+    those, weighted so that the calibration error stays an unbiased mean over all noise. At 5-10
+    evaluations the error is carried by the few draws in a thousand that a solver sends to another
+    mode; a plain calibration set of a few hundred holds almost none of them, so the search tunes
+    the levels for the easy draws alone. Costs `mining * 3 * nfe` batched evaluations more.
     dtype, device: of the calibration batch (float32 suits networks; the oracle may use float64).
     """
 
     num_samples: int = 256
     reference_steps: int = 200
     max_runs: int | None = None
+    mining: int = 0
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
 
@@ -76,11 +83,15 @@ class Calibration:
 
     def max_model_calls(self, nfe: int) -> int:
         """The most batched model evaluations an optimisation whose solver takes `nfe` evaluations may use."""
-        return self.reference_steps + self.runs(nfe) * nfe
+        return self.reference_steps + (self.runs(nfe) + 3 * self.mining) * nfe
 
     def check(self) -> None:
         if not (isinstance(self.num_samples, int) and self.num_samples >= 1):
             raise ValueError(f"num_samples must be a positive integer, got {self.num_samples!r}")
+        if not (isinstance(self.mining, int) and self.mining >= 0):
+            raise ValueError(f"mining must be a non-negative integer, got {self.mining!r}")
+        if self.mining and self.num_samples < 2:
+            raise ValueError(f"mining needs num_samples >= 2 (half hard draws, half the rest), got {self.num_samples}")
         if not (isinstance(self.reference_steps, int) and self.reference_steps >= 8):
             raise ValueError(f"reference_steps must be an integer >= 8, got {self.reference_steps!r}")
         if self.max_runs is not None and not (isinstance(self.max_runs, int) and self.max_runs >= 1):
@@ -297,12 +308,21 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
         raise ValueError(f"solver {solver!r} has a data-dependent NFE; an optimised schedule needs a fixed-step solver")
     counted = _Counted(denoiser)
 
-    x_start = _calibration_noise(seed, calibration.num_samples, sample_shape, sigma_max, variance_preserving,
-                                 calibration.dtype, calibration.device)
+    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
+    if calibration.mining:  # screened with UniPC-3 on nfe levels even in log sigma
+        screen = torch.cat([torch.linspace(log_max, log_min, nfe, dtype=torch.float64).exp(),
+                            torch.zeros(1, dtype=torch.float64)])
+        x_start, draw_weights = _mined_noise(counted, calibration.num_samples, calibration.mining, screen, seed=seed,
+                                             sample_shape=sample_shape, sigma_min=sigma_min, sigma_max=sigma_max,
+                                             variance_preserving=variance_preserving, dtype=calibration.dtype,
+                                             device=calibration.device, cond=cond)
+    else:
+        x_start = _calibration_noise(seed, calibration.num_samples, sample_shape, sigma_max, variance_preserving,
+                                     calibration.dtype, calibration.device)
+        draw_weights = None
     with torch.no_grad():
         target = reference_endpoints(counted, x_start, sigma_min, sigma_max, calibration.reference_steps, cond)
     budget = _Budget(calibration.runs(nfe))
-    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
 
     def loss(log_sigmas: np.ndarray) -> float | None:
         """Calibration MSE of the solver on these levels (None once the budget is spent); inf, with
@@ -315,7 +335,7 @@ def optimised_sigmas(denoiser, n: int, *, sigma_min: float, sigma_max: float, sa
         sigmas[0] = sigma_max
         with torch.no_grad():
             out = sample(counted, x_start, sigmas, solver, cond=cond, **solver_options)
-        value = float(((out - target).double() ** 2).mean())
+        value = float(_weighted_mean(_per_draw_mse(out, target), draw_weights))
         return value if math.isfinite(value) else math.inf
 
     bases = _base_candidates(n, sigma_min, sigma_max, schedule)
@@ -411,11 +431,13 @@ class SolverFit:
     numbers of their own (`sampling/fitted.py`); 0: one set for the whole state. direction_rate:
     the learning rate of their differences from the shared numbers, as a fraction of
     `learning_rate` (all parameters at the full rate made the fit unstable). start: the
-    `optimised_sigmas` budget of the UniPC-3 schedule that is one of the fit's two starts.
-    mining: 0, or the size of a pool of noise draws, as a multiple of `num_samples`, that is
-    screened for the draws a low-NFE solver gets most wrong (`_mined_noise`); half the calibration
-    draws are then those, weighted so that every loss and held-out error stays an unbiased mean
-    over all noise. Costs `mining * 3 * nfe` batched evaluations more.
+    `optimised_sigmas` budget of the UniPC-3 schedule that is one of the fit's two starts (mined,
+    like the fit's own draws: on 16,384 test draws at NFE 10 the fit rarely beats a well-calibrated
+    start, so the start's calibration decides most of the result). mining: 0, or the size of a
+    pool of noise draws, as a multiple of `num_samples`, that is screened for the draws a low-NFE
+    solver gets most wrong (`_mined_noise`); half the calibration draws are then those, weighted so
+    that every loss and held-out error stays an unbiased mean over all noise. Costs
+    `mining * 3 * nfe` batched evaluations more. (Measured in benchmarks/RESULTS.md, issue 3.)
     """
 
     num_samples: int = 16384
@@ -428,8 +450,8 @@ class SolverFit:
     trajectory_weight: float = 1.0
     directions: int = 8
     direction_rate: float = 0.1
-    mining: int = 0
-    start: Calibration = Calibration()
+    mining: int = 8
+    start: Calibration = Calibration(num_samples=2048, mining=8)
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"
 
