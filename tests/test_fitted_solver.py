@@ -319,7 +319,7 @@ def test_fit_on_a_network_leaves_its_weights_alone(linear):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     denoiser = Denoiser(net, linear, "eps")
     settings = SolverFit(num_samples=16, batch_size=8, reference_steps=12, iterations=4, validate_every=2,
-                         start=Calibration(num_samples=8, reference_steps=12, max_runs=6))
+                         start=Calibration(num_samples=8, reference_steps=12, max_runs=6, mining=2))
     info = {}
     sigmas, coefficients = fit_solver(denoiser, 3, sigma_min=linear.sigma_min, sigma_max=linear.sigma_max,
                                       sample_shape=(1, 8, 8), variance_preserving=True, settings=settings,
