@@ -10,8 +10,9 @@ minutes; --cache keeps them in a file). The peers are stood in for by diffusekit
 UniPC-2 and DEIS-3 (and iPNDM, ours) on diffusers' `trailing` and `linspace` spacings: the parity
 tests hold them to diffusers' schedulers on the same levels, and on the bench these were the best
 peers at NFE 10. Each --fit is a JSON object of `SolverFit` overrides (`--fit '{}'`: the
-defaults; `"start"` takes an object of `Calibration` fields). Prints RMSE, the count of draws
-with a squared error above 0.1 (mode changes) and the RMSE of the others.
+defaults; `"start"` takes an object of `Calibration` fields); each --optimised scores a solver on
+its `optimised` schedule with the given calibration. Prints RMSE, the count of draws with a squared
+error above 0.1 (mode changes) and the RMSE of the others.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from diffusekit import Denoiser, NoiseSchedule, sample
 from diffusekit._utils import atomic_path, run_script
-from diffusekit.bench.samplers import build_case, load_mixture
+from diffusekit.bench.samplers import build_case, load_mixture, parse_spec
 from diffusekit.schedule_opt import Calibration, SolverFit, fit_solver
 
 PEER_STANDINS = (("unipc", {"order": 3}), ("unipc", {"order": 2}), ("deis", {"order": 3}), ("ipndm", {}))
@@ -43,6 +44,10 @@ def main() -> None:
     parser.add_argument("--cache", help="file for the test noise and its exact endpoints (made if missing)")
     parser.add_argument("--fit", action="append", default=[], help="SolverFit overrides as JSON (repeatable)")
     parser.add_argument("--label", action="append", default=[], help="a name per --fit")
+    parser.add_argument("--optimised", nargs=2, action="append", default=[], metavar=("SOLVER", "CALIBRATION"),
+                        help="also score SOLVER (e.g. unipc:order=3) on its optimised schedule, with the "
+                             "Calibration overrides given as JSON (e.g. '{\"num_samples\": 2048, \"mining\": 8}'; "
+                             "repeatable)")
     parser.add_argument("--no-peers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -79,6 +84,16 @@ def main() -> None:
         for method, options in PEER_STANDINS:
             for spacing in ("trailing", "linspace"):
                 score(f"{method} {options or ''} {spacing}", schedule.get_sigmas(args.nfe, spacing), method, **options)
+    for solver, overrides in args.optimised:
+        method, options = parse_spec(solver)
+        try:
+            calibration = replace(Calibration(dtype=torch.float64), **json.loads(overrides))
+        except TypeError as e:
+            raise ValueError(f"--optimised {overrides}: {e}; the fields are those of Calibration") from None
+        start = time.perf_counter()
+        sigmas = schedule.get_sigmas(args.nfe, "optimised", denoiser=denoiser, sample_shape=(mixture.dim,),
+                                     solver=method, solver_options=options, calibration=calibration)
+        score(f"{solver} optimised, {overrides} ({time.perf_counter() - start:.0f}s)", sigmas, method, **options)
     labels = args.label + [f"fit {i}" for i in range(len(args.label), len(args.fit))]
     for label, overrides in zip(labels, args.fit):
         try:
