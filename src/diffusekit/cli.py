@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimised schedule: calibration noise draws (default %(default)s)")
     b.add_argument("--calibration-mining", type=int, default=bench_samplers.CALIBRATION.mining, metavar="K",
                    help="optimised schedule: half the calibration draws are the hardest of K times as many "
-                        "(0: plain draws; default %(default)s)")
+                        "at NFE <= 10 (0: plain draws; default %(default)s)")
     b.add_argument("--reference-steps", type=int, default=200, help="optimised schedule: reference solver steps")
     b.add_argument("--fit-nfe", type=int, nargs="*", metavar="NFE",
                    help="budgets (among --nfe) at which the fitted solver (levels and coefficients fitted to the "
