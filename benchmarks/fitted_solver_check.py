@@ -48,6 +48,8 @@ def main() -> None:
                         help="also score SOLVER (e.g. unipc:order=3) on its optimised schedule, with the "
                              "Calibration overrides given as JSON (e.g. '{\"num_samples\": 2048, \"mining\": 8}'; "
                              "repeatable)")
+    parser.add_argument("--calibration-seeds", type=int, nargs="+", default=[0],
+                        help="each --optimised runs once per calibration seed (the spread of the search)")
     parser.add_argument("--no-peers", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -90,10 +92,12 @@ def main() -> None:
             calibration = replace(Calibration(dtype=torch.float64), **json.loads(overrides))
         except TypeError as e:
             raise ValueError(f"--optimised {overrides}: {e}; the fields are those of Calibration") from None
-        start = time.perf_counter()
-        sigmas = schedule.get_sigmas(args.nfe, "optimised", denoiser=denoiser, sample_shape=(mixture.dim,),
-                                     solver=method, solver_options=options, calibration=calibration)
-        score(f"{solver} optimised, {overrides} ({time.perf_counter() - start:.0f}s)", sigmas, method, **options)
+        for seed in args.calibration_seeds:
+            start = time.perf_counter()
+            sigmas = schedule.get_sigmas(args.nfe, "optimised", denoiser=denoiser, sample_shape=(mixture.dim,),
+                                         solver=method, solver_options=options, calibration=calibration, seed=seed)
+            score(f"{solver} optimised, {overrides}, seed {seed} ({time.perf_counter() - start:.0f}s)", sigmas, method,
+                  **options)
     labels = args.label + [f"fit {i}" for i in range(len(args.label), len(args.fit))]
     for label, overrides in zip(labels, args.fit):
         try:

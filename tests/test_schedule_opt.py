@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusekit import Denoiser, GaussianMixture, NoiseSchedule, sample
-from diffusekit.schedule_opt import Calibration, reference_endpoints
+from diffusekit.schedule_opt import Calibration, reference_endpoints, reference_state
 from diffusekit.schedules import ALL_SPACINGS
 
 SMALL = Calibration(num_samples=48, reference_steps=60, max_runs=60, dtype=torch.float64)
@@ -120,6 +120,23 @@ def test_reference_endpoint_extrapolates_past_sigma_min(linear):
     ref = reference_endpoints(denoiser, x, linear.sigma_min, linear.sigma_max, 200)
     floor = float(((last_step - exact) ** 2).mean().sqrt())
     assert float(((ref - exact) ** 2).mean().sqrt()) < 0.2 * floor
+
+
+def test_reference_trajectory_follows_the_exact_flow(linear):
+    """The states `reference_endpoints` keeps, read back by `reference_state` at any level (stored
+    or in between), are the exact ODE's states there, in VP units (divided by sqrt(1 + sigma^2))."""
+    mixture = GaussianMixture.random(3, 4, seed=8)
+    denoiser = Denoiser(mixture.eps_network(linear), linear, "eps")
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = x * math.sqrt(1 + linear.sigma_max**2)
+    trajectory = []
+    reference_endpoints(denoiser, x, linear.sigma_min, linear.sigma_max, 200, trajectory=trajectory)
+    trajectory = torch.stack(trajectory)
+    for sigma in (linear.sigma_max, 40.0, 3.3, 0.7, 0.05):
+        exact = (x if sigma == linear.sigma_max else mixture.ode_solve(x, linear.sigma_max, sigma)) / math.sqrt(1 + sigma**2)
+        ours = reference_state(trajectory, torch.tensor(sigma, dtype=torch.float64), linear.sigma_min,
+                               linear.sigma_max, 200)
+        assert float((ours.double() - exact).abs().max()) < 8e-3, sigma  # 0.07-0.1 at 1.1 sigma
 
 
 def test_bad_input(held_out, linear):

@@ -173,6 +173,17 @@ def reference_endpoints(denoiser, x: Tensor, sigma_min: float, sigma_max: float,
     return d_a + (d_a - d_b) * (sigma_min**2 / (sigma_b**2 - sigma_min**2))
 
 
+def reference_state(trajectory: Tensor, sigma: Tensor, sigma_min: float, sigma_max: float, steps: int) -> Tensor:
+    """The reference state at `sigma` of the draws of `trajectory` (`reference_endpoints`' states,
+    stacked: [levels, draws, ...]), divided by sqrt(1 + sigma^2): linear in log sigma between the
+    stored levels. Differentiable in `sigma`."""
+    log_spacing = TRAJECTORY_STRIDE * (math.log(sigma_max) - math.log(EXTRAPOLATION_RATIO * sigma_min)) / (steps - 2)
+    position = ((math.log(sigma_max) - sigma.log()) / log_spacing).clamp(0, len(trajectory) - 1 - 1e-6)
+    k = int(position)
+    frac = (position - k).to(trajectory.dtype)
+    return trajectory[k] * (1 - frac) + trajectory[k + 1] * frac
+
+
 def _per_draw_mse(out: Tensor, target: Tensor) -> Tensor:
     return ((out - target).double() ** 2).reshape(len(out), -1).mean(1)
 
@@ -540,8 +551,6 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
     held_out = max(1, round(settings.num_samples * settings.validation))
     if trajectory is not None:  # [levels, fit draws, ...], levels even in log sigma from sigma_max down
         trajectory = torch.stack(trajectory)[:, :-held_out]
-        log_spacing = TRAJECTORY_STRIDE * (math.log(sigma_max) - math.log(EXTRAPOLATION_RATIO * sigma_min)) \
-            / (settings.reference_steps - 2)
     x_fit, target_fit = x_all[:-held_out], target_all[:-held_out]
     x_val, target_val = x_all[-held_out:], target_all[-held_out:]
     w_fit, w_val = (None, None) if draw_weights is None else (draw_weights[:-held_out], draw_weights[-held_out:])
@@ -566,13 +575,6 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
 
     log_max, log_min, gap = math.log(sigma_max), math.log(sigma_min), 1e-3
     mask = torch.tril(torch.ones(nfe, nfe, 1, dtype=torch.float64))
-
-    def on_trajectory(states: Tensor, sigma: Tensor) -> Tensor:
-        """The reference states of `states`' draws at `sigma`: linear in log sigma between stored levels."""
-        position = ((math.log(sigma_max) - sigma.log()) / log_spacing).clamp(0, len(states) - 1 - 1e-6)
-        k = int(position)
-        frac = (position - k).to(states.dtype)
-        return states[k] * (1 - frac) + states[k + 1] * frac
 
     def fit_from(start_levels: Tensor):
         """Adam from one start; returns (held-out MSE at the start, best held-out MSE, its sigmas, x_scale, weights)."""
@@ -605,7 +607,8 @@ def fit_solver(denoiser, nfe: int, *, sigma_min: float, sigma_max: float, sample
             value = _weighted_mean(_per_draw_mse(out, target), batch_weights)
             if reference_states is not None and len(states) > 1:  # states[:-1]: at sigmas[1:]
                 drift = sum(_weighted_mean(_per_draw_mse(state / (1 + sigma**2).sqrt(),
-                                                         on_trajectory(reference_states, sigma)), batch_weights)
+                                                         reference_state(reference_states, sigma, sigma_min, sigma_max,
+                                                                         settings.reference_steps)), batch_weights)
                             for state, sigma in zip(states[:-1], sigmas[1:]))
                 value = value + settings.trajectory_weight * drift / (len(states) - 1)
             return value
